@@ -1,0 +1,209 @@
+//! Typed errors whose `Display` reads like QEMU's own messages, plus what to do about them.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::holders::Holder;
+use crate::plan::Check;
+
+/// A `Result` with qlock's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while opening, locking, inspecting or releasing an image.
+///
+/// The first line of each lock error is the text QEMU prints for the same situation, so
+/// `Failed to get "write" lock` means here what it means from `qemu-img`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The image does not exist.
+    #[error("Could not open '{}': No such file or directory", .path.display())]
+    NotFound {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// The path names a directory.
+    #[error("Could not open '{}': Is a directory (an image is a regular file or a block device)", .path.display())]
+    IsADirectory {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// The path names something that is neither a regular file nor a block device.
+    #[error("Could not open '{}': it is a {kind}, not a regular file or block device", .path.display())]
+    NotAnImage {
+        /// The path as given.
+        path: PathBuf,
+        /// What it is instead (`fifo`, `socket`, `character device`).
+        kind: &'static str,
+    },
+    /// Opening was refused; qlock opens read-only unless asked to write.
+    #[error("Could not open '{}': Permission denied (qlock needs read access to lock an image)", .path.display())]
+    PermissionDenied {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// Opening failed for another reason.
+    #[error("Could not open '{}': {}", .path.display(), strerror(.source))]
+    Open {
+        /// The path as given.
+        path: PathBuf,
+        /// The error from `open(2)`.
+        source: io::Error,
+    },
+    /// Another description holds a conflicting lock: the check phase failed, or a write lock
+    /// stopped the lock phase. Nothing this call took is left locked.
+    #[error("{0}")]
+    Conflict(Box<Conflict>),
+    /// The filesystem cannot do byte-range locks (`ENOLCK`, `EOPNOTSUPP`, `EINVAL`): NFS without
+    /// lockd, some FUSE filesystems. QEMU fails the same way; its only remedy is `locking=off`.
+    #[error(
+        "Failed to lock byte {byte}: {}\n\
+         The filesystem holding '{}' does not support byte-range locks, so neither QEMU nor \
+         qlock can coordinate access to it. Move the image to a local filesystem, enable \
+         locking on the mount (NFS: run rpc.statd/lockd, do not mount with 'nolock'), or \
+         use locking=off and coordinate by other means.",
+        strerror(.source),
+        .path.display()
+    )]
+    Unsupported {
+        /// The path as given.
+        path: PathBuf,
+        /// The first byte that could not be locked.
+        byte: u64,
+        /// The error from `fcntl(2)`.
+        source: io::Error,
+    },
+    /// A lock or probe call failed for another reason (`Failed to lock byte N: ...` or
+    /// `Failed to get "name" lock: ...`).
+    #[error("{message}: {}", strerror(.source))]
+    Lock {
+        /// The path as given.
+        path: PathBuf,
+        /// QEMU's message without the errno part.
+        message: String,
+        /// The error from `fcntl(2)`.
+        source: io::Error,
+    },
+    /// Releasing a byte failed (seen on NFS). The descriptor is closed anyway.
+    #[error("Failed to unlock byte {byte}: {}", strerror(.source))]
+    Unlock {
+        /// The path as given.
+        path: PathBuf,
+        /// The first byte of the range that could not be released.
+        byte: u64,
+        /// The error from `fcntl(2)` or `close(2)`.
+        source: io::Error,
+    },
+    /// A wait ran out of time; `last` is the conflict still in the way.
+    #[error("Timed out after {:.1}s waiting for '{}': {last}", .waited.as_secs_f64(), .path.display())]
+    TimedOut {
+        /// The path as given.
+        path: PathBuf,
+        /// How long the wait lasted.
+        waited: Duration,
+        /// The error of the last attempt.
+        last: Box<Error>,
+    },
+    /// Reading `/proc` or the image's metadata failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// The conflict behind this error, also through a timeout.
+    pub fn conflict(&self) -> Option<&Conflict> {
+        match self {
+            Error::Conflict(c) => Some(c),
+            Error::TimedOut { last, .. } => last.conflict(),
+            _ => None,
+        }
+    }
+
+    /// True when another holder is in the way: waiting may help.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict(_))
+    }
+
+    /// Classifies an `open(2)` or `stat(2)` error on `path`.
+    pub(crate) fn open(path: &Path, source: io::Error) -> Error {
+        let path = path.to_path_buf();
+        match source.kind() {
+            io::ErrorKind::NotFound => Error::NotFound { path },
+            io::ErrorKind::PermissionDenied => Error::PermissionDenied { path },
+            io::ErrorKind::IsADirectory => Error::IsADirectory { path },
+            _ => Error::Open { path, source },
+        }
+    }
+}
+
+/// The C library's text for an OS error, as QEMU prints it (`No locks available`), without
+/// Rust's ` (os error 37)` suffix.
+pub fn strerror(e: &io::Error) -> String {
+    // std formats OS errors with the C library's strerror_r, the text QEMU prints.
+    let text = e.to_string();
+    match e.raw_os_error() {
+        Some(n) => text.strip_suffix(&format!(" (os error {n})")).unwrap_or(&text).to_string(),
+        None => text,
+    }
+}
+
+/// Why an access cannot be had now: QEMU's message, the byte, and who holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The image path as the caller gave it (QEMU prints it the same way in the hint).
+    pub path: PathBuf,
+    /// What failed.
+    pub reason: ConflictReason,
+    /// Processes found holding the contested byte (empty when none could be identified:
+    /// another user's processes, another host over NFS, or lookup skipped).
+    pub holders: Vec<Holder>,
+}
+
+/// The two ways QEMU's protocol refuses an opener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConflictReason {
+    /// The check phase found someone holding the opposite byte of `Check`.
+    Check(Check),
+    /// Someone holds a *write* lock on this byte, so the lock phase could not read-lock it
+    /// (`Failed to lock byte N`, with no hint, as QEMU prints it).
+    WriteLocked(u64),
+}
+
+impl Conflict {
+    /// The byte someone else holds.
+    pub fn byte(&self) -> u64 {
+        match self.reason {
+            ConflictReason::Check(c) => c.byte(),
+            ConflictReason::WriteLocked(b) => b,
+        }
+    }
+
+    /// QEMU's message, without the hint: `Failed to get "write" lock`.
+    pub fn qemu_message(&self) -> String {
+        match self.reason {
+            ConflictReason::Check(c) => c.message(),
+            ConflictReason::WriteLocked(b) => format!("Failed to lock byte {b}"),
+        }
+    }
+}
+
+impl fmt::Display for Conflict {
+    /// QEMU's message and hint on two lines, then one line per known holder.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.qemu_message())?;
+        if let ConflictReason::Check(_) = self.reason {
+            write!(f, "\nIs another process using the image [{}]?", self.path.display())?;
+        }
+        for h in &self.holders {
+            write!(f, "\nHeld by {h}")?;
+        }
+        Ok(())
+    }
+}

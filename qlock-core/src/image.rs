@@ -213,6 +213,15 @@ impl ImageLock {
         self.update(access, self.find_holders)
     }
 
+    /// [`ImageLock::set_access`] without naming the holders on a conflict: the cheap attempt
+    /// for polling loops, which name them once, at the end, with [`ImageLock::with_holders`].
+    ///
+    /// # Errors
+    /// As [`ImageLock::set_access`], with [`Conflict::holders`] left empty.
+    pub fn try_set_access(&mut self, access: Access) -> Result<()> {
+        self.update(access, false)
+    }
+
     /// Waits until `access` can be had on this open image, then takes it.
     ///
     /// # Errors
@@ -220,7 +229,7 @@ impl ImageLock {
     pub fn wait_for(&mut self, access: Access, backoff: &Backoff) -> Result<()> {
         let find = self.find_holders;
         let result = wait::retry_blocking(backoff, || self.update(access, false));
-        result.map_err(|e| self.name_holders(e, find))
+        result.map_err(|e| if find { self.with_holders(e) } else { e })
     }
 
     /// The access held now.
@@ -292,7 +301,8 @@ impl ImageLock {
             Ok(Some(reason)) => {
                 unlock_runs(fd, kind, taken, &self.path);
                 let conflict = Conflict { path: self.path.clone(), reason, holders: Vec::new() };
-                Err(self.name_holders(Error::Conflict(Box::new(conflict)), find_holders))
+                let err = Error::Conflict(Box::new(conflict));
+                Err(if find_holders { self.with_holders(err) } else { err })
             }
             Err(failure) => {
                 unlock_runs(fd, kind, taken, &self.path);
@@ -301,11 +311,9 @@ impl ImageLock {
         }
     }
 
-    /// Fills in who holds the contested byte, when asked to and when it can be found.
-    fn name_holders(&self, mut err: Error, find: bool) -> Error {
-        if !find {
-            return err;
-        }
+    /// Fills in who holds the contested byte of a conflict (also inside a timeout), from one
+    /// walk over `/proc`. Other errors are returned unchanged.
+    pub fn with_holders(&self, mut err: Error) -> Error {
         let conflict = match &mut err {
             Error::Conflict(c) => c,
             Error::TimedOut { last, .. } => match last.as_mut() {

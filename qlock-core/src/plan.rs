@@ -246,6 +246,17 @@ pub enum Verdict {
     Conflict(Check),
 }
 
+impl Verdict {
+    /// QEMU's message for a refusal (`Failed to get "write" lock`), `None` when granted.
+    pub fn message(&self) -> Option<String> {
+        match self {
+            Verdict::Granted => None,
+            Verdict::LockByte(b) => Some(format!("Failed to lock byte {b}")),
+            Verdict::Conflict(c) => Some(c.message()),
+        }
+    }
+}
+
 /// The reference decision of spec section 9, written from the spec and independent of the lock
 /// path: what QEMU answers a descriptor holding `held` that asks for `wanted` while `others`
 /// hold their bytes.

@@ -38,20 +38,22 @@ pub struct Preset {
     pub qemu: &'static str,
 }
 
+/// What readers that refuse writers share: consistent read, write unchanged, and graph-mod
+/// (which every QEMU front end shared, so presets never lock byte 204 even in legacy mode).
+const SHARED_READ: Perm = Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED).union(Perm::GRAPH_MOD);
+
 impl Access {
     /// `force-share`: consistent read, unshares nothing; bytes `100`.
     /// Like `qemu-io -r -U` or `qemu-img convert -U`.
-    pub const FORCE_SHARE: Access = Access::new(Perm::CONSISTENT_READ, Perm::ALL);
+    pub const FORCE_SHARE: Access = Access::new(Perm::CONSISTENT_READ, Perm::LEGACY_ALL);
     /// `read`: consistent read, unshares write and resize; bytes `100 | 201 203`.
     /// Like `qemu-io -r` on qcow2 or a `qemu-img convert` source.
     pub const READ: Access =
         Access::new(Perm::CONSISTENT_READ, Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED));
     /// `write`: consistent read, write, resize; unshares write and resize;
     /// bytes `100 101 103 | 201 203`. Like `qemu-io` on qcow2, or a VM's qcow2 disk.
-    pub const WRITE: Access = Access::new(
-        Perm::CONSISTENT_READ.union(Perm::WRITE).union(Perm::RESIZE),
-        Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED),
-    );
+    pub const WRITE: Access =
+        Access::new(Perm::CONSISTENT_READ.union(Perm::WRITE).union(Perm::RESIZE), SHARED_READ);
     /// `write-shared`: consistent read and write, unshares nothing; bytes `100 101`.
     /// Like a raw disk with `share-rw=on`.
     pub const WRITE_SHARED: Access = Access::new(Perm::CONSISTENT_READ.union(Perm::WRITE), Perm::ALL);
@@ -72,7 +74,8 @@ impl Access {
         Preset { name: "info", access: Access::INFO, qemu: "qemu-img info on qcow2" },
     ];
 
-    /// An access from explicit sets.
+    /// An access from explicit sets. Leave [`Perm::GRAPH_MOD`] in `shared` unless you mean to
+    /// unshare it (which only matters with [`crate::LockOptions::legacy_graph_mod`]).
     pub const fn new(perm: Perm, shared: Perm) -> Access {
         Access { perm, shared }
     }
@@ -128,7 +131,7 @@ impl FromStr for Access {
             return Ok(a);
         }
         if s.contains('=') {
-            let mut access = Access::new(Perm::empty(), Perm::ALL);
+            let mut access = Access::new(Perm::empty(), Perm::LEGACY_ALL);
             for part in s.split(';') {
                 match part.trim().split_once('=') {
                     Some(("perm", list)) => access.perm = Perm::parse_list(list)?,

@@ -45,8 +45,9 @@ pub struct LockOptions {
     pub legacy_graph_mod: bool,
     /// Open the image read-write instead of read-only (locks work on either).
     pub write: bool,
-    /// Use POSIX locks even where OFD locks work. Only for testing the fallback: POSIX locks are
-    /// lost when the process closes *any* descriptor of the file.
+    /// Behave as if the kernel had no OFD locks: POSIX locks with [`Locking::On`], no locks with
+    /// [`Locking::Auto`], as in QEMU. Only for testing the fallback: POSIX locks are lost when
+    /// the process closes *any* descriptor of the file, and do not see the process's own locks.
     pub force_posix: bool,
     /// On a conflict, scan `/proc` to name the holders in the error (costs a few ms).
     pub find_holders: bool,

@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use qlock_core::wake::{CloseWatch, sleep_or_close};
 use qlock_core::{Access, Error, ImageLock, Perm, wait};
 
 use crate::cli::HoldArgs;
@@ -65,14 +66,19 @@ pub(crate) fn take(args: &HoldArgs, wait_for_it: bool) -> Result<Vec<ImageLock>,
     }
     let mut progress = Progress::new();
     let mut last = None;
-    let result = wait::retry_blocking(&backoff, || {
-        attempt(&mut locks, access).map_err(|(i, e)| {
-            last = Some(i);
-            tracing::debug!(image = %locks[i].path().display(), "waiting: {e}");
-            progress.show(&locks[i], &e);
-            e
-        })
-    });
+    let watches: Vec<CloseWatch> = args.images.iter().filter_map(|p| CloseWatch::new(p).ok()).collect();
+    let result = wait::retry_blocking(
+        &backoff,
+        || {
+            attempt(&mut locks, access).map_err(|(i, e)| {
+                last = Some(i);
+                tracing::debug!(image = %locks[i].path().display(), "waiting: {e}");
+                progress.show(&locks[i], &e);
+                e
+            })
+        },
+        |d| sleep_or_close(&watches, d),
+    );
     progress.clear();
     match result {
         Ok(()) => Ok(locks),

@@ -15,6 +15,7 @@ use crate::perm::Perm;
 use crate::plan::{ByteRange, Check, LockSet, plan};
 use crate::sys::{self, LockKind};
 use crate::wait::{self, Backoff};
+use crate::wake::{self, CloseWatch};
 
 /// QEMU's `locking=` option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -146,7 +147,8 @@ impl ImageLock {
     /// Opens `path` and waits for `access`, retrying with `backoff` until its timeout.
     ///
     /// Waiting is polling: qlock never sleeps inside the kernel on a lock (`F_OFD_SETLKW`),
-    /// because a blocked read lock would wait only for write locks, never for QEMU.
+    /// because a blocked read lock would wait only for write locks, never for QEMU. A close of
+    /// the image (inotify) ends a sleep early, since it often means a holder went away.
     ///
     /// # Errors
     /// [`Error::TimedOut`] naming the last conflict and its holders; any error other than a
@@ -229,7 +231,10 @@ impl ImageLock {
     /// As [`ImageLock::acquire_wait`]; the previous access is still held on error.
     pub fn wait_for(&mut self, access: Access, backoff: &Backoff) -> Result<()> {
         let find = self.find_holders;
-        let result = wait::retry_blocking(backoff, || self.update(access, false));
+        // A close of the image often means a holder went away: retry then, not at the next tick.
+        let watch: Vec<CloseWatch> = CloseWatch::new(&self.path).into_iter().collect();
+        let result =
+            wait::retry_blocking(backoff, || self.update(access, false), |d| wake::sleep_or_close(&watch, d));
         result.map_err(|e| if find { self.with_holders(e) } else { e })
     }
 

@@ -144,19 +144,21 @@ where
     }
 }
 
-/// [`retry`] for blocking callers: sleeps the thread between attempts.
+/// [`retry`] for blocking callers: `sleep` blocks the thread between attempts
+/// ([`std::thread::sleep`], or [`crate::wake::sleep_or_close`] to wake early on a close).
 ///
 /// # Errors
 /// As [`retry`].
 pub fn retry_blocking<T, E: Retry>(
     policy: &Backoff,
     mut attempt: impl FnMut() -> Result<T, E>,
+    mut sleep: impl FnMut(Duration),
 ) -> Result<T, E> {
     let fut = retry(
         policy,
         || std::future::ready(attempt()),
         |d| {
-            std::thread::sleep(d);
+            sleep(d);
             std::future::ready(())
         },
     );
@@ -210,16 +212,24 @@ mod tests {
     #[test]
     fn retries_until_success_and_stops_on_fatal_errors() {
         let mut n = 0;
-        let r: Result<u32, E> = retry_blocking(&quick(), || {
-            n += 1;
-            if n < 5 { Err(E::Busy) } else { Ok(n) }
-        });
+        let r: Result<u32, E> = retry_blocking(
+            &quick(),
+            || {
+                n += 1;
+                if n < 5 { Err(E::Busy) } else { Ok(n) }
+            },
+            std::thread::sleep,
+        );
         assert_eq!(r, Ok(5));
         let mut n = 0;
-        let r: Result<(), E> = retry_blocking(&quick(), || {
-            n += 1;
-            Err(if n < 3 { E::Busy } else { E::Fatal })
-        });
+        let r: Result<(), E> = retry_blocking(
+            &quick(),
+            || {
+                n += 1;
+                Err(if n < 3 { E::Busy } else { E::Fatal })
+            },
+            std::thread::sleep,
+        );
         assert_eq!((r, n), (Err(E::Fatal), 3));
     }
 
@@ -227,7 +237,7 @@ mod tests {
     fn deadline_turns_the_last_conflict_into_a_timeout() {
         let policy = quick().with_timeout(Duration::from_millis(5));
         let start = Instant::now();
-        let r: Result<(), E> = retry_blocking(&policy, || Err(E::Busy));
+        let r: Result<(), E> = retry_blocking(&policy, || Err(E::Busy), std::thread::sleep);
         assert_eq!(r, Err(E::Timeout(0)));
         assert!(start.elapsed() >= Duration::from_millis(5));
     }

@@ -31,6 +31,7 @@
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
@@ -75,6 +76,23 @@ impl CloseWatch {
 impl AsFd for CloseWatch {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.inotify.as_fd()
+    }
+}
+
+/// Sleeps up to `timeout`, returning early when one of `watches` sees a close: the blocking
+/// waiter's sleep. Without watches (inotify unavailable) it is a plain sleep.
+pub fn sleep_or_close(watches: &[CloseWatch], timeout: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    if watches.is_empty() {
+        return std::thread::sleep(timeout);
+    }
+    let mut fds: Vec<PollFd<'_>> =
+        watches.iter().map(|w| PollFd::new(w.as_fd(), PollFlags::POLLIN)).collect();
+    let ms = PollTimeout::try_from(timeout.as_millis().max(1)).unwrap_or(PollTimeout::MAX);
+    match poll(&mut fds, ms) {
+        Ok(n) if n > 0 => watches.iter().for_each(|w| drop(w.drain())),
+        Ok(_) => {}
+        Err(_) => std::thread::sleep(timeout),
     }
 }
 

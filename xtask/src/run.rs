@@ -2,14 +2,16 @@
 //!
 //! Handshakes, never sleeps: `qemu-io` prints `qemu-io> ` once the image is open (also on a
 //! pipe); `qemu-nbd --fork` exits its parent once serving; `qemu-storage-daemon` and
-//! `qemu-system` greet on their QMP monitor only after the command line has been processed;
+//! `qemu-system` answer a QMP command only from their main loop, after setting up the command
+//! line;
 //! `xtask hold` prints `READY`. Daemonised `qemu-nbd` children are reaped because the compat
 //! run makes itself a child subreaper ([`become_subreaper`]).
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::RwLock;
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::waitpid;
@@ -162,13 +164,9 @@ impl Scratch {
 /// # Errors
 /// `qemu-img create`'s message.
 pub fn create_image(build: &QemuBuild, scratch: &Scratch) -> Result<(), String> {
-    let out = build
-        .command("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&scratch.image)
-        .arg("1M")
-        .output()
-        .map_err(|e| e.to_string())?;
+    let mut cmd = build.command("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]).arg(&scratch.image).arg("1M").stdin(Stdio::null());
+    let out = output(&mut cmd).map_err(|e| e.to_string())?;
     if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) }
 }
 
@@ -184,10 +182,10 @@ pub fn start_qemu(build: &QemuBuild, h: &QemuHolder, s: &Scratch) -> Result<Runn
             cmd.args(["-f", f]);
             flags(&mut cmd, read_only, force_share);
             cmd.arg(&s.image);
-            spawn_until(cmd, |out| read_until_prompt(out, b"qemu-io> "))
+            spawn_until(cmd, |_, out| read_until_prompt(out, b"qemu-io> "))
         }
         HolderKind::Nbd { read_only } => nbd(build, h.format, read_only, s, "holder"),
-        HolderKind::Qsd { writable } => spawn_until(qsd(build, h.format, writable, s), read_greeting),
+        HolderKind::Qsd { writable } => spawn_until(qsd(build, h.format, writable, s), qmp_ready),
         HolderKind::Vm { readonly, share_rw } => {
             let bios = s.path("empty-bios.bin");
             // The CPU never runs (-S), but the pc machine wants a firmware image to map.
@@ -203,7 +201,7 @@ pub fn start_qemu(build: &QemuBuild, h: &QemuHolder, s: &Scratch) -> Result<Runn
                 ))
                 .arg("-device")
                 .arg(format!("virtio-blk-pci,drive=d0{}", if share_rw { ",share-rw=on" } else { "" }));
-            spawn_until(cmd, read_greeting)
+            spawn_until(cmd, qmp_ready)
         }
     }
 }
@@ -215,7 +213,7 @@ pub fn start_qemu(build: &QemuBuild, h: &QemuHolder, s: &Scratch) -> Result<Runn
 pub fn start_hold(xtask: &Path, s: &Scratch, spec: &HoldSpec) -> Result<Running, String> {
     let mut cmd = Command::new(xtask);
     cmd.arg("hold").arg(&s.image).arg(spec.to_string());
-    spawn_until(cmd, |out| hold::wait_ready(out))
+    spawn_until(cmd, |_, out| hold::wait_ready(out))
 }
 
 /// Runs a QEMU newcomer to its verdict, leaving no process or lock behind.
@@ -224,7 +222,8 @@ pub fn run_qemu(build: &QemuBuild, n: &QemuNewcomer, s: &Scratch) -> Verdict {
     let simple = |args: Vec<String>| -> Verdict {
         let mut cmd = build.command(if args[0] == "io" { "qemu-io" } else { "qemu-img" });
         cmd.args(&args[1..]);
-        match cmd.stdin(Stdio::null()).output() {
+        cmd.stdin(Stdio::null());
+        match output(&mut cmd) {
             Ok(o) => Verdict::from_qemu(o.status.success(), &String::from_utf8_lossy(&o.stderr)),
             Err(e) => Verdict::Failed(e.to_string()),
         }
@@ -261,8 +260,7 @@ pub fn run_qemu(build: &QemuBuild, n: &QemuNewcomer, s: &Scratch) -> Verdict {
             }
             Err(e) => Verdict::from_qemu(false, &e),
         },
-        NewcomerKind::Qsd { writable } => match spawn_until(qsd(build, n.format, writable, s), read_greeting)
-        {
+        NewcomerKind::Qsd { writable } => match spawn_until(qsd(build, n.format, writable, s), qmp_ready) {
             Ok(r) => {
                 r.stop();
                 Verdict::Granted { note: None }
@@ -272,9 +270,29 @@ pub fn run_qemu(build: &QemuBuild, n: &QemuNewcomer, s: &Scratch) -> Verdict {
     }
 }
 
+/// Between `fork` and `exec` a child shares every descriptor of this process, CLOEXEC or not,
+/// and with them their OFD locks (spec section 7, pitfall 4). A qlock newcomer's locks must be
+/// gone when the next newcomer runs, so no child is spawned while one is held: spawns share
+/// this gate, in-process locking takes it exclusively.
+static FORK_GATE: RwLock<()> = RwLock::new(());
+
+/// `cmd.spawn()`, never while an in-process qlock newcomer holds locks. `spawn` returns after
+/// the child's `exec`, when it no longer shares our descriptors.
+fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    let _gate = FORK_GATE.read().unwrap_or_else(|e| e.into_inner());
+    cmd.spawn()
+}
+
+/// `cmd.output()` through [`spawn`].
+fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    spawn(cmd)?.wait_with_output()
+}
+
 /// A qlock newcomer, in this process: OFD locks belong to the open file description, so the
 /// holder being another process is all that matters.
 pub fn run_qlock(access: Access, s: &Scratch) -> Verdict {
+    let _gate = FORK_GATE.write().unwrap_or_else(|e| e.into_inner());
     let opts = LockOptions { find_holders: false, ..LockOptions::default() };
     match ImageLock::acquire_with(&s.image, access, &opts) {
         Ok(lock) => {
@@ -318,7 +336,7 @@ fn nbd(
     }
     cmd.arg(&s.image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
     // With --fork the parent exits once the server is set up: that is the handshake.
-    let status = cmd.status().map_err(|e| e.to_string())?;
+    let status = spawn(&mut cmd).and_then(|mut c| c.wait()).map_err(|e| e.to_string())?;
     let stderr = fs::read_to_string(&err_file).unwrap_or_default();
     if !status.success() {
         return Err(stderr);
@@ -352,14 +370,15 @@ fn qsd(build: &QemuBuild, format: Format, writable: bool, s: &Scratch) -> Comman
 /// reaped and its stderr returned as the error.
 fn spawn_until(
     mut cmd: Command,
-    ready: impl FnOnce(&mut BufReader<std::process::ChildStdout>) -> bool,
+    ready: impl FnOnce(&mut ChildStdin, &mut BufReader<ChildStdout>) -> bool,
 ) -> Result<Running, String> {
     cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+    let mut child = spawn(&mut cmd).map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
     let mut reader = BufReader::new(stdout);
-    if ready(&mut reader) {
-        let stdin = child.stdin.take();
+    if ready(&mut stdin, &mut reader) {
+        let stdin = Some(stdin);
         // Keep draining stdout so that a chatty child never blocks on a full pipe.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
@@ -373,7 +392,7 @@ fn spawn_until(
         });
         return Ok(Running { child: Some(child), stdin, daemon: None });
     }
-    drop(child.stdin.take());
+    drop(stdin);
     let _ = child.kill();
     let mut err = String::new();
     if let Some(mut e) = child.stderr.take() {
@@ -399,8 +418,24 @@ fn read_until_prompt(out: &mut impl Read, prompt: &[u8]) -> bool {
     }
 }
 
-/// A QMP greeting line (`{"QMP": ...}`) on stdout means the command line was processed.
-fn read_greeting(out: &mut BufReader<std::process::ChildStdout>) -> bool {
+/// QMP handshake: after the greeting, a command's reply can only come from the main loop,
+/// which starts once the whole command line (drives, devices, exports) has been set up. The
+/// greeting alone is not enough: qemu-system sends it before creating its drives.
+fn qmp_ready(stdin: &mut ChildStdin, out: &mut BufReader<ChildStdout>) -> bool {
     let mut line = String::new();
-    matches!(out.read_line(&mut line), Ok(n) if n > 0) && line.contains("\"QMP\"")
+    if !matches!(out.read_line(&mut line), Ok(n) if n > 0) || !line.contains("\"QMP\"") {
+        return false;
+    }
+    let cmds = "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-version\",\"id\":\"ready\"}\n";
+    if stdin.write_all(cmds.as_bytes()).and_then(|()| stdin.flush()).is_err() {
+        return false;
+    }
+    loop {
+        line.clear();
+        match out.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) if line.contains("\"ready\"") => return line.contains("\"return\""),
+            Ok(_) => {}
+        }
+    }
 }

@@ -2,12 +2,12 @@
 //!
 //! - `cargo xtask compat`: the differential check against real QEMU ([`compat`]), on the QEMU
 //!   on `PATH`, Debian bookworm's 7.2 ([`fetch`]) and any `--qemu DIR`;
-//! - `cargo xtask bench`: the workspace benchmarks, with one table of their ratios ([`bench`]);
+//! - `cargo xtask bench`: the workspace benchmarks, with one table of their ratios ([`mod@bench`]);
 //! - `cargo xtask ci`: everything CI runs ([`ci`]). If it passes locally, CI is green.
 //!
 //! Modules: [`catalogue`] (QEMU front ends and their accesses), [`qemu`] (builds),
 //! [`fetch`] (bookworm download), [`hold`] (non-QEMU holders), [`run`] (processes and
-//! verdicts), [`compat`] (matrix and checks), [`bench`], [`ci`].
+//! verdicts), [`compat`] (matrix and checks), [`mod@bench`], [`ci`].
 
 pub mod bench;
 pub mod catalogue;

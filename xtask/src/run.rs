@@ -439,3 +439,22 @@ fn qmp_ready(stdin: &mut ChildStdin, out: &mut BufReader<ChildStdout>) -> bool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Verdict;
+
+    #[test]
+    fn qemu_messages_lose_their_prefix_and_keep_the_hint() {
+        let io = "qemu-io: can't open device /i/d.qcow2: Failed to get \"write\" lock\n\
+                  Is another process using the image [/i/d.qcow2]?\n";
+        let want = "Failed to get \"write\" lock\nIs another process using the image [/i/d.qcow2]?";
+        assert_eq!(Verdict::from_qemu(false, io), Verdict::Refused(want.into()));
+        let img = "qemu-img: Could not open '/i/d.qcow2': Failed to lock byte 100\n";
+        assert_eq!(Verdict::from_qemu(false, img), Verdict::Refused("Failed to lock byte 100".into()));
+        let commit = "qemu-img: Image does not have a backing file\n";
+        assert!(matches!(Verdict::from_qemu(false, commit), Verdict::Granted { note: Some(_) }));
+        assert_eq!(Verdict::from_qemu(false, ""), Verdict::Failed("failed without a message".into()));
+        assert!(Verdict::from_qemu(true, "").agrees(&Verdict::Granted { note: Some("x".into()) }));
+    }
+}

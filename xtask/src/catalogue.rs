@@ -52,12 +52,12 @@ pub enum HolderKind {
         /// `-r`
         read_only: bool,
     },
-    /// `qemu-storage-daemon` with an NBD export, ready at its QMP greeting.
+    /// `qemu-storage-daemon` with an NBD export, ready when QMP answers a command.
     Qsd {
         /// `writable=on`
         writable: bool,
     },
-    /// A paused `qemu-system-x86_64 -S` with a virtio-blk disk, ready at its QMP greeting.
+    /// A paused `qemu-system-x86_64 -S` with a virtio-blk disk, ready when QMP answers a command.
     Vm {
         /// `readonly=on` on the drive.
         readonly: bool,

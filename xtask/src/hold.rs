@@ -85,7 +85,7 @@ impl FromStr for HoldSpec {
 impl fmt::Display for HoldSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HoldSpec::Qlock(a) => write!(f, "{}", a.to_string().replace(' ', "")),
+            HoldSpec::Qlock(a) => write!(f, "{a}"),
             HoldSpec::Raw(locks) => {
                 let v: Vec<String> = locks.iter().map(RawLock::to_string).collect();
                 write!(f, "raw:{}", v.join(","))

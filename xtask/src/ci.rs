@@ -1,0 +1,32 @@
+//! `cargo xtask ci`: every step CI runs, in CI's order. If it passes locally, CI is green.
+
+use std::process::Command;
+
+/// The cargo steps, before `compat`.
+pub const STEPS: &[(&str, &[&str])] = &[
+    ("fmt", &["fmt", "--all", "--check"]),
+    ("clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+    ("test", &["test", "--workspace"]),
+    ("doc", &["doc", "--workspace", "--no-deps", "--quiet"]),
+];
+
+/// Runs the cargo steps, stopping at the first failure. `compat` is run by the caller.
+///
+/// # Errors
+/// The name of the failing step.
+pub fn run_cargo_steps() -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for (name, args) in STEPS {
+        println!("ci: cargo {}", args.join(" "));
+        let mut cmd = Command::new(&cargo);
+        cmd.args(*args).current_dir(crate::workspace_root());
+        if *name == "doc" {
+            cmd.env("RUSTDOCFLAGS", "-D warnings");
+        }
+        let status = cmd.status().map_err(|e| format!("{name}: {e}"))?;
+        if !status.success() {
+            return Err(format!("ci: step {name} failed ({status})"));
+        }
+    }
+    Ok(())
+}

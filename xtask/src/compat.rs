@@ -1,0 +1,419 @@
+//! `cargo xtask compat`: the differential check of qlock against real QEMU.
+//!
+//! Every holder (QEMU front ends, qlock presets, foreign raw locks) gets its own image and
+//! process; every newcomer (QEMU front ends, qlock presets) then runs against it in turn. From
+//! that matrix of verdicts three kinds of checks follow, all comparisons between real runs:
+//!
+//! - **qlock newcomer**: against any holder, qlock with preset `p` must get the verdict and
+//!   message of every QEMU newcomer whose access is `p` (its *twins*);
+//! - **qlock holder**: every QEMU newcomer must get the same verdict and message against qlock
+//!   holding `p` as against every QEMU holder whose access is `p` (for `info`, whose QEMU front
+//!   end exits at once, the twin is a foreign holder of bytes 201 and 203);
+//! - **bytes**: each QEMU and qlock holder holds exactly the bytes of its catalogued access,
+//!   as seen from outside with [`qlock_core::inspect`].
+//!
+//! A cell that could not run at all (an `E`) fails its own check.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use qlock_core::{Access, LockSet, Perm};
+
+use crate::catalogue::{self, QemuHolder, QemuNewcomer, same_bytes};
+use crate::hold::HoldSpec;
+use crate::qemu::QemuBuild;
+use crate::run::{self, Running, Scratch, Verdict};
+
+/// Foreign holders: what other software (or a broken one) may hold. The name says which spec
+/// test vector it reproduces.
+pub const RAW_HOLDERS: &[(&str, &str)] = &[
+    ("ext wr 100 (V21)", "raw:ofd-w@100"),
+    ("ext wr 201 (V23)", "raw:ofd-w@201"),
+    ("ext wr 203", "raw:ofd-w@203"),
+    ("ext posix wr 101", "raw:posix-w@101"),
+    ("ext posix rd 101 201 (V24)", "raw:posix-r@101,posix-r@201"),
+    ("ext rd 0 (libvirt)", "raw:ofd-r@0"),
+    ("ext wr 0", "raw:ofd-w@0"),
+    ("ext rd 102 (V19)", "raw:ofd-r@102"),
+    ("ext rd 104 204 (V20)", "raw:ofd-r@104,ofd-r@204"),
+    ("ext rd 200 (V15)", "raw:ofd-r@200"),
+    ("ext rd 100 201-203 (V17)", "raw:ofd-r@100,ofd-r@201+3"),
+    ("ext rd 201 203 (info)", "raw:ofd-r@201,ofd-r@203"),
+    ("ext rd whole file", "raw:ofd-r@0+0"),
+    ("ext wr whole file", "raw:ofd-w@0+0"),
+    ("ext posix wr whole file", "raw:posix-w@0+0"),
+];
+
+/// The foreign holder standing in for `qemu-img info` on qcow2 (`{– | 201 203}`), which cannot
+/// be kept running.
+const INFO_TWIN: &str = "raw:ofd-r@201,ofd-r@203";
+
+/// A row of the matrix.
+#[derive(Debug, Clone)]
+pub enum Holder {
+    /// A QEMU front end.
+    Qemu(QemuHolder),
+    /// `xtask hold IMAGE PRESET`.
+    Qlock {
+        /// Preset name.
+        name: &'static str,
+        /// Its access.
+        access: Access,
+    },
+    /// `xtask hold IMAGE raw:...`.
+    Raw {
+        /// Label.
+        name: &'static str,
+        /// The locks.
+        spec: &'static str,
+    },
+}
+
+impl Holder {
+    /// Its row label.
+    pub fn label(&self) -> String {
+        match self {
+            Holder::Qemu(h) => h.label(),
+            Holder::Qlock { name, .. } => format!("qlock {name}"),
+            Holder::Raw { name, .. } => name.to_string(),
+        }
+    }
+
+    /// The access a qlock holder may be compared against, if it is a twin: QEMU holders by
+    /// their catalogued access, the `info` stand-in by `Access::INFO`.
+    fn twin_access(&self) -> Option<Access> {
+        match self {
+            Holder::Qemu(h) => Some(h.access),
+            Holder::Raw { spec, .. } if *spec == INFO_TWIN => Some(Access::INFO),
+            _ => None,
+        }
+    }
+}
+
+/// A column of the matrix.
+#[derive(Debug, Clone)]
+pub enum Newcomer {
+    /// A QEMU front end.
+    Qemu(QemuNewcomer),
+    /// qlock in-process with `run`, checked as if it were the preset `name`.
+    Qlock {
+        /// Preset name.
+        name: &'static str,
+        /// The access the preset stands for (what its twins are looked up by).
+        claimed: Access,
+        /// The access actually requested: `claimed`, unless a test mutated it.
+        run: Access,
+    },
+}
+
+impl Newcomer {
+    /// Its column label.
+    pub fn label(&self) -> String {
+        match self {
+            Newcomer::Qemu(n) => n.label(),
+            Newcomer::Qlock { name, .. } => format!("qlock {name}"),
+        }
+    }
+}
+
+/// How to run the check.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Holders run in parallel, each on its own image.
+    pub jobs: usize,
+    /// Keep only holders and newcomers whose label contains one of these (all when empty).
+    pub only: Vec<String>,
+    /// Run these presets with another access (`name`, access), for testing the check itself.
+    pub mutate: Vec<(String, Access)>,
+    /// The xtask binary, for `hold` children.
+    pub xtask: PathBuf,
+}
+
+/// The outcome for one QEMU build.
+#[derive(Debug)]
+pub struct Report {
+    /// Which build.
+    pub build: String,
+    /// Row labels.
+    pub holders: Vec<Holder>,
+    /// Column labels.
+    pub newcomers: Vec<Newcomer>,
+    /// `cells[h][n]`; `None` when the holder could not be started.
+    pub cells: Vec<Vec<Option<Verdict>>>,
+    /// The checks, in order.
+    pub checks: Vec<Check>,
+}
+
+/// One comparison.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// Whether both sides agree.
+    pub ok: bool,
+    /// The pair and, when failing, both messages.
+    pub detail: String,
+    /// Cells this check reads (for marking the matrix).
+    cells: Vec<(usize, usize)>,
+}
+
+impl Report {
+    /// Checks that disagree.
+    pub fn failures(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().filter(|c| !c.ok)
+    }
+
+    /// `compat: N/N agree (QEMU ...)`
+    pub fn summary(&self) -> String {
+        let ok = self.checks.iter().filter(|c| c.ok).count();
+        format!("compat: {ok}/{} agree (QEMU {})", self.checks.len(), self.build)
+    }
+
+    /// The matrix, legend and disagreements, as printed by `cargo xtask compat`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let bad: Vec<(usize, usize)> = self.failures().flat_map(|c| c.cells.iter().copied()).collect();
+        let _ = writeln!(
+            out,
+            "QEMU {}: {} holders x {} newcomers",
+            self.build,
+            self.holders.len(),
+            self.newcomers.len()
+        );
+        for (i, n) in self.newcomers.iter().enumerate() {
+            let _ = write!(out, "{:>4} {:<20}", i + 1, n.label());
+            if i % 4 == 3 || i + 1 == self.newcomers.len() {
+                out.push('\n');
+            }
+        }
+        let width = self.holders.iter().map(|h| h.label().len()).max().unwrap_or(0);
+        let _ = write!(out, "{:width$} ", "holder \\ newcomer");
+        for i in 0..self.newcomers.len() {
+            let _ = write!(out, "{:>3}", i + 1);
+        }
+        out.push('\n');
+        for (h, holder) in self.holders.iter().enumerate() {
+            let _ = write!(out, "{:width$} ", holder.label());
+            for n in 0..self.newcomers.len() {
+                let sym = self.cells[h][n].as_ref().map_or('-', Verdict::symbol);
+                let mark = if bad.contains(&(h, n)) { '!' } else { ' ' };
+                let _ = write!(out, " {sym}{mark}");
+            }
+            out.push('\n');
+        }
+        out.push_str(
+            "legend: . granted   g Failed to get \"X\" lock   s Failed to get shared \"X\" lock   \
+             L Failed to lock byte N   E error   - holder did not start   ! disagreement\n",
+        );
+        for c in self.failures() {
+            let _ = writeln!(out, "DISAGREE {}", c.detail);
+        }
+        out
+    }
+}
+
+/// The matrix for `build`: QEMU holders (VMs when it has qemu-system), qlock presets and
+/// foreign holders as rows; qlock presets then QEMU front ends as columns.
+pub fn matrix(build: &QemuBuild, opts: &Options) -> (Vec<Holder>, Vec<Newcomer>) {
+    let keep = |label: String| opts.only.is_empty() || opts.only.iter().any(|o| label.contains(o.as_str()));
+    let mut holders: Vec<Holder> = catalogue::holders()
+        .into_iter()
+        .filter(|h| !h.needs_system() || build.system.is_ok())
+        .map(Holder::Qemu)
+        .collect();
+    holders.extend(Access::PRESETS.iter().map(|p| Holder::Qlock { name: p.name, access: p.access }));
+    holders.extend(RAW_HOLDERS.iter().map(|(name, spec)| Holder::Raw { name, spec }));
+    holders.retain(|h| keep(h.label()));
+    let mut newcomers: Vec<Newcomer> = Access::PRESETS
+        .iter()
+        .map(|p| {
+            let run = opts.mutate.iter().find(|(n, _)| n == p.name).map_or(p.access, |(_, a)| *a);
+            Newcomer::Qlock { name: p.name, claimed: p.access, run }
+        })
+        .collect();
+    newcomers.extend(catalogue::newcomers().into_iter().map(Newcomer::Qemu));
+    newcomers.retain(|n| keep(n.label()));
+    (holders, newcomers)
+}
+
+/// Runs the whole matrix for one build and derives the checks.
+///
+/// # Errors
+/// When no scratch directory can be made.
+pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
+    run::become_subreaper();
+    let (holders, newcomers) = matrix(build, opts);
+    let tmp = tempfile::Builder::new().prefix("xtask-compat-").tempdir().map_err(|e| e.to_string())?;
+    let next = Mutex::new(0usize);
+    let rows: Mutex<Vec<Option<Row>>> = Mutex::new(vec![None; holders.len()]);
+    std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.max(1) {
+            scope.spawn(|| {
+                loop {
+                    let h = {
+                        let mut n = next.lock().unwrap_or_else(|e| e.into_inner());
+                        let h = *n;
+                        *n += 1;
+                        h
+                    };
+                    let Some(holder) = holders.get(h) else { break };
+                    let dir = tmp.path().join(format!("h{h}"));
+                    let row = run_row(build, opts, holder, &newcomers, dir);
+                    rows.lock().unwrap_or_else(|e| e.into_inner())[h] = Some(row);
+                }
+            });
+        }
+    });
+    let rows: Vec<Row> = rows.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect();
+    let checks = derive_checks(&holders, &newcomers, &rows);
+    let cells = rows.into_iter().map(|r| r.cells).collect();
+    Ok(Report { build: build.label(), holders, newcomers, cells, checks })
+}
+
+/// One holder's results.
+#[derive(Debug, Clone)]
+struct Row {
+    /// Why the holder did not start, or its bytes were not the catalogued ones.
+    holder_error: Option<String>,
+    /// The bytes check, for QEMU and qlock holders.
+    bytes: Option<Result<LockSet, (LockSet, LockSet)>>,
+    cells: Vec<Option<Verdict>>,
+}
+
+fn run_row(build: &QemuBuild, opts: &Options, holder: &Holder, newcomers: &[Newcomer], dir: PathBuf) -> Row {
+    let mut row = Row { holder_error: None, bytes: None, cells: vec![None; newcomers.len()] };
+    let scratch = Scratch { image: dir.join("disk.qcow2"), dir: dir.clone() };
+    if let Err(e) = std::fs::create_dir_all(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| run::create_image(build, &scratch))
+    {
+        row.holder_error = Some(format!("cannot create the image: {e}"));
+        return row;
+    }
+    let started: Result<Running, String> = match holder {
+        Holder::Qemu(h) => run::start_qemu(build, h, &scratch),
+        Holder::Qlock { access, .. } => run::start_hold(&opts.xtask, &scratch, &HoldSpec::Qlock(*access)),
+        Holder::Raw { spec, .. } => match spec.parse::<HoldSpec>() {
+            Ok(s) => run::start_hold(&opts.xtask, &scratch, &s),
+            Err(e) => Err(e),
+        },
+    };
+    let running = match started {
+        Ok(r) => r,
+        Err(e) => {
+            row.holder_error = Some(format!("{} did not start: {}", holder.label(), e.trim()));
+            return row;
+        }
+    };
+    let expected = match holder {
+        Holder::Qemu(h) => Some(h.access),
+        Holder::Qlock { access, .. } => Some(*access),
+        Holder::Raw { .. } => None,
+    };
+    if let Some(access) = expected {
+        let want = lockset(access);
+        row.bytes = Some(match qlock_core::inspect(&[&scratch.image]).remove(0) {
+            Ok(status) if status.others.held == want => Ok(want),
+            Ok(status) => Err((want, status.others.held)),
+            Err(_) => Err((want, LockSet::EMPTY)),
+        });
+    }
+    let image = scratch.image.display().to_string();
+    for (i, n) in newcomers.iter().enumerate() {
+        let verdict = match n {
+            Newcomer::Qemu(q) => run::run_qemu(build, q, &scratch),
+            Newcomer::Qlock { run, .. } => run::run_qlock(*run, &scratch),
+        };
+        // Each holder has its own image: name it IMAGE so that rows compare. A message naming
+        // another path keeps it, and still disagrees.
+        row.cells[i] = Some(verdict.map_message(|m| m.replace(&image, "IMAGE")));
+    }
+    running.stop();
+    row
+}
+
+fn lockset(a: Access) -> LockSet {
+    let (perm, unshared) = a.within(Perm::ALL);
+    LockSet::new(perm, unshared)
+}
+
+fn derive_checks(holders: &[Holder], newcomers: &[Newcomer], rows: &[Row]) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let cell = |h: usize, n: usize| rows[h].cells[n].as_ref();
+    for (h, holder) in holders.iter().enumerate() {
+        let row = &rows[h];
+        if let Some(e) = &row.holder_error {
+            checks.push(Check { ok: false, detail: e.clone(), cells: vec![] });
+            continue;
+        }
+        match &row.bytes {
+            Some(Ok(_)) => checks.push(Check { ok: true, detail: String::new(), cells: vec![] }),
+            Some(Err((want, got))) => checks.push(Check {
+                ok: false,
+                detail: format!("holder {}: holds {{{got}}}, catalogue says {{{want}}}", holder.label()),
+                cells: vec![],
+            }),
+            None => {}
+        }
+        for (n, newcomer) in newcomers.iter().enumerate() {
+            if let Some(Verdict::Failed(m)) = cell(h, n) {
+                checks.push(Check {
+                    ok: false,
+                    detail: format!(
+                        "holder {}, newcomer {}: could not run: {m}",
+                        holder.label(),
+                        newcomer.label()
+                    ),
+                    cells: vec![(h, n)],
+                });
+            }
+        }
+    }
+    // qlock newcomers against every holder: their verdict is that of each QEMU twin newcomer.
+    for (p, qn) in newcomers.iter().enumerate() {
+        let Newcomer::Qlock { name, claimed, .. } = qn else { continue };
+        for (t, twin) in newcomers.iter().enumerate() {
+            let Newcomer::Qemu(q) = twin else { continue };
+            if !q.access.is_some_and(|a| same_bytes(a, *claimed)) {
+                continue;
+            }
+            for (h, holder) in holders.iter().enumerate() {
+                let (Some(a), Some(b)) = (cell(h, p), cell(h, t)) else { continue };
+                checks.push(compare(
+                    format!("holder {}, newcomer qlock {name} vs {}", holder.label(), q.label()),
+                    ("qlock", a),
+                    (&q.label(), b),
+                    vec![(h, p), (h, t)],
+                ));
+            }
+        }
+    }
+    // qlock holders: every newcomer sees them as it sees each QEMU holder with the same access.
+    for (q, qh) in holders.iter().enumerate() {
+        let Holder::Qlock { name, access } = qh else { continue };
+        for (t, twin) in holders.iter().enumerate() {
+            if !twin.twin_access().is_some_and(|a| same_bytes(a, *access)) {
+                continue;
+            }
+            for (n, newcomer) in newcomers.iter().enumerate() {
+                let (Some(a), Some(b)) = (cell(q, n), cell(t, n)) else { continue };
+                checks.push(compare(
+                    format!("newcomer {}, holder qlock {name} vs {}", newcomer.label(), twin.label()),
+                    ("against qlock", a),
+                    (&format!("against {}", twin.label()), b),
+                    vec![(q, n), (t, n)],
+                ));
+            }
+        }
+    }
+    checks
+}
+
+fn compare(pair: String, a: (&str, &Verdict), b: (&str, &Verdict), cells: Vec<(usize, usize)>) -> Check {
+    let ok = a.1.agrees(b.1);
+    let detail = if ok {
+        pair
+    } else {
+        format!("{pair}\n    {}: {}\n    {}: {}", a.0, a.1.describe(), b.0, b.1.describe())
+    };
+    Check { ok, detail, cells }
+}

@@ -1,0 +1,32 @@
+//! Project automation for qlock, run as `cargo xtask TASK` (an alias in `.cargo/config.toml`).
+//!
+//! - `cargo xtask compat`: the differential check against real QEMU ([`compat`]), on the QEMU
+//!   on `PATH`, Debian bookworm's 7.2 ([`fetch`]) and any `--qemu DIR`;
+//! - `cargo xtask bench`: the workspace benchmarks, with one table of their ratios ([`mod@bench`]);
+//! - `cargo xtask ci`: everything CI runs ([`ci`]). If it passes locally, CI is green.
+//!
+//! Modules: [`catalogue`] (QEMU front ends and their accesses), [`qemu`] (builds),
+//! [`fetch`] (bookworm download), [`hold`] (non-QEMU holders), [`run`] (processes and
+//! verdicts), [`compat`] (matrix and checks), [`mod@bench`], [`ci`].
+
+pub mod bench;
+pub mod catalogue;
+pub mod ci;
+pub mod compat;
+pub mod fetch;
+pub mod hold;
+pub mod qemu;
+pub mod run;
+
+use std::path::PathBuf;
+
+/// The workspace root (the parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map_or(manifest.clone(), |p| p.to_path_buf())
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else `target/` in the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}

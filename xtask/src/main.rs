@@ -1,0 +1,131 @@
+//! `cargo xtask`: see the library docs (`cargo doc -p xtask --open`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use qlock_core::Access;
+use xtask::compat::{self, Options};
+use xtask::hold::{self, HoldSpec};
+use xtask::qemu::QemuBuild;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "qlock's project tasks", version)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Differential check: qlock against real QEMU front ends, on every QEMU version at hand.
+    Compat(CompatArgs),
+    /// Run the workspace benchmarks and print one table of their ratios.
+    Bench {
+        /// Exit 1 when a ratio misses its goal.
+        #[arg(long)]
+        strict: bool,
+        /// Passed to `cargo bench`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Everything CI runs: fmt, clippy, tests, docs, compat.
+    Ci(CompatArgs),
+    /// Hold IMAGE with SPEC until stdin closes (used by compat).
+    #[command(hide = true)]
+    Hold {
+        /// The image.
+        image: PathBuf,
+        /// A qlock access (`write`, `perm=...;shared=...`) or `raw:ofd-w@100,...`.
+        spec: String,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct CompatArgs {
+    /// Also run this QEMU build (a `bin` directory or a prefix); repeatable.
+    #[arg(long = "qemu", value_name = "DIR")]
+    qemu: Vec<PathBuf>,
+    /// Do not download Debian bookworm's QEMU 7.2 (it is reported as skipped).
+    #[arg(long)]
+    no_download: bool,
+    /// Holders run at once (default: twice the CPUs).
+    #[arg(short, long)]
+    jobs: Option<usize>,
+    /// Only holders and newcomers whose label contains this; repeatable.
+    #[arg(long)]
+    only: Vec<String>,
+    /// Run preset NAME with another access, to see the check catch it (NAME=ACCESS).
+    #[arg(long, hide = true, value_parser = parse_mutation)]
+    mutate: Vec<(String, Access)>,
+}
+
+fn parse_mutation(s: &str) -> Result<(String, Access), String> {
+    let (name, access) = s.split_once('=').ok_or("expected NAME=ACCESS")?;
+    Ok((name.to_string(), access.parse()?))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Compat(args) => compat_main(&args),
+        Task::Bench { strict, args } => xtask::bench::run(&args, strict),
+        Task::Ci(args) => xtask::ci::run_cargo_steps().and_then(|()| {
+            println!("ci: cargo xtask compat");
+            compat_main(&args)
+        }),
+        Task::Hold { image, spec } => spec.parse::<HoldSpec>().and_then(|s| hold::serve(&image, &s)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn compat_main(args: &CompatArgs) -> Result<(), String> {
+    let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() * 2));
+    let xtask = std::env::current_exe().map_err(|e| e.to_string())?;
+    let opts = Options { jobs, only: args.only.clone(), mutate: args.mutate.clone(), xtask };
+    let mut builds: Vec<Result<QemuBuild, (String, String)>> =
+        vec![QemuBuild::from_path().map_err(|e| ("PATH".into(), e))];
+    if args.no_download {
+        builds.push(Err(("Debian bookworm 7.2".into(), "--no-download".into())));
+    } else {
+        let dir = xtask::target_dir().join("qemu-7.2");
+        eprintln!("compat: preparing Debian bookworm's QEMU 7.2 in {}", dir.display());
+        builds.push(xtask::fetch::bookworm(&dir).map_err(|e| ("Debian bookworm 7.2".into(), e)));
+    }
+    for dir in &args.qemu {
+        builds.push(QemuBuild::from_dir(dir).map_err(|e| (dir.display().to_string(), e)));
+    }
+    let mut summaries = Vec::new();
+    let mut failed = false;
+    for build in builds {
+        let build = match build {
+            Ok(b) => b,
+            Err((which, why)) => {
+                summaries.push(format!("compat: skipped QEMU {which}: {why}"));
+                continue;
+            }
+        };
+        if let Err(why) = &build.system {
+            summaries.push(format!("compat: QEMU {}: no VM holders: {why}", build.label()));
+        }
+        let started = std::time::Instant::now();
+        let report = compat::run(&build, &opts)?;
+        print!("{}", report.render());
+        failed |= report.failures().next().is_some();
+        summaries.push(format!("{} in {:.1}s", report.summary(), started.elapsed().as_secs_f64()));
+    }
+    println!();
+    for s in &summaries {
+        println!("{s}");
+    }
+    if !summaries.iter().any(|s| s.starts_with("compat: ") && s.contains(" agree ")) {
+        return Err("no QEMU version could be run".into());
+    }
+    if failed { Err("qlock and QEMU disagree (see DISAGREE above)".into()) } else { Ok(()) }
+}

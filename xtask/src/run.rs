@@ -1,0 +1,460 @@
+//! Starting holders with a readiness handshake, and running newcomers to a [`Verdict`].
+//!
+//! Handshakes, never sleeps: `qemu-io` prints `qemu-io> ` once the image is open (also on a
+//! pipe); `qemu-nbd --fork` exits its parent once serving; `qemu-storage-daemon` and
+//! `qemu-system` answer a QMP command only from their main loop, after setting up the command
+//! line;
+//! `xtask hold` prints `READY`. Daemonised `qemu-nbd` children are reaped because the compat
+//! run makes itself a child subreaper ([`become_subreaper`]).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::RwLock;
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+use qlock_core::{Access, ImageLock, LockOptions};
+
+use crate::catalogue::{Format, HolderKind, NewcomerKind, QemuHolder, QemuNewcomer};
+use crate::hold::{self, HoldSpec};
+use crate::qemu::QemuBuild;
+
+/// What a newcomer got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// It opened the image (a later, unrelated failure is in `note`).
+    Granted {
+        /// First error line after a successful open (`Image does not have a backing file`).
+        note: Option<String>,
+    },
+    /// A lock error: QEMU's message from `Failed to` on, plus the hint line if printed.
+    Refused(String),
+    /// Anything else: the run itself went wrong.
+    Failed(String),
+}
+
+impl Verdict {
+    /// Verdicts compare on outcome and message, not on notes.
+    pub fn agrees(&self, other: &Verdict) -> bool {
+        match (self, other) {
+            (Verdict::Granted { .. }, Verdict::Granted { .. }) => true,
+            (a, b) => a == b,
+        }
+    }
+
+    /// The same verdict with its message rewritten by `f`.
+    pub fn map_message(self, f: impl FnOnce(&str) -> String) -> Verdict {
+        match self {
+            Verdict::Refused(m) => Verdict::Refused(f(&m)),
+            Verdict::Failed(m) => Verdict::Failed(f(&m)),
+            g => g,
+        }
+    }
+
+    /// One character for the matrix.
+    pub fn symbol(&self) -> char {
+        match self {
+            Verdict::Granted { .. } => '.',
+            Verdict::Refused(m) if m.starts_with("Failed to lock byte") => 'L',
+            Verdict::Refused(m) if m.starts_with("Failed to get shared") => 's',
+            Verdict::Refused(_) => 'g',
+            Verdict::Failed(_) => 'E',
+        }
+    }
+
+    /// The message on one line, for reports.
+    pub fn describe(&self) -> String {
+        match self {
+            Verdict::Granted { note: None } => "granted".into(),
+            Verdict::Granted { note: Some(n) } => format!("granted (then: {n})"),
+            Verdict::Refused(m) => format!("refused: {}", m.replace('\n', " / ")),
+            Verdict::Failed(m) => format!("error: {m}"),
+        }
+    }
+
+    /// Reads a QEMU front end's outcome from its exit status and stderr.
+    pub fn from_qemu(success: bool, stderr: &str) -> Verdict {
+        let lines: Vec<&str> = stderr.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(at) = line.find("Failed to get ").or_else(|| line.find("Failed to lock byte")) else {
+                continue;
+            };
+            let mut msg = line[at..].trim_end().to_string();
+            if let Some(hint) = lines.get(i + 1).filter(|l| l.starts_with("Is another process using")) {
+                msg.push('\n');
+                msg.push_str(hint.trim_end());
+            }
+            return Verdict::Refused(msg);
+        }
+        let first = lines.iter().find(|l| !l.contains("Could not open option rom")).map(|l| l.to_string());
+        match (success, first) {
+            (true, note) => Verdict::Granted { note },
+            // Errors that can only come after the image was opened and locked.
+            (false, Some(l)) if l.contains("does not have a backing file") => {
+                Verdict::Granted { note: Some(l) }
+            }
+            (false, first) => Verdict::Failed(first.unwrap_or_else(|| "failed without a message".into())),
+        }
+    }
+}
+
+/// Makes this process adopt orphaned descendants (`qemu-nbd --fork` daemons), so they can be
+/// killed and reaped deterministically.
+pub fn become_subreaper() {
+    let _ = nix::sys::prctl::set_child_subreaper(true);
+}
+
+/// A running holder; dropping it kills the process and reaps it, releasing its locks.
+#[derive(Debug)]
+pub struct Running {
+    child: Option<Child>,
+    stdin: Option<ChildStdin>,
+    daemon: Option<Pid>,
+}
+
+impl Running {
+    /// Ends the holder and waits until it is gone (its locks with it).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        drop(self.stdin.take());
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(pid) = self.daemon.take() {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Scratch paths of one image's run.
+#[derive(Debug, Clone)]
+pub struct Scratch {
+    /// The image (a 1 MiB qcow2 file).
+    pub image: PathBuf,
+    /// A directory for sockets, pid files and outputs.
+    pub dir: PathBuf,
+}
+
+impl Scratch {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn image_str(&self) -> String {
+        self.image.display().to_string()
+    }
+}
+
+/// Creates the 1 MiB qcow2 image of `scratch` with `build`'s `qemu-img`.
+///
+/// # Errors
+/// `qemu-img create`'s message.
+pub fn create_image(build: &QemuBuild, scratch: &Scratch) -> Result<(), String> {
+    let mut cmd = build.command("qemu-img");
+    cmd.args(["create", "-q", "-f", "qcow2"]).arg(&scratch.image).arg("1M").stdin(Stdio::null());
+    let out = output(&mut cmd).map_err(|e| e.to_string())?;
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).trim().to_string()) }
+}
+
+/// Starts a QEMU holder and waits until it holds the image.
+///
+/// # Errors
+/// The front end's own message when it did not get ready.
+pub fn start_qemu(build: &QemuBuild, h: &QemuHolder, s: &Scratch) -> Result<Running, String> {
+    let f = h.format.name();
+    match h.kind {
+        HolderKind::Io { read_only, force_share } => {
+            let mut cmd = build.command("qemu-io");
+            cmd.args(["-f", f]);
+            flags(&mut cmd, read_only, force_share);
+            cmd.arg(&s.image);
+            spawn_until(cmd, |_, out| read_until_prompt(out, b"qemu-io> "))
+        }
+        HolderKind::Nbd { read_only } => nbd(build, h.format, read_only, s, "holder"),
+        HolderKind::Qsd { writable } => spawn_until(qsd(build, h.format, writable, s), qmp_ready),
+        HolderKind::Vm { readonly, share_rw } => {
+            let bios = s.path("empty-bios.bin");
+            // The CPU never runs (-S), but the pc machine wants a firmware image to map.
+            fs::write(&bios, vec![0u8; 64 * 1024]).map_err(|e| e.to_string())?;
+            let mut cmd = build.command("qemu-system-x86_64");
+            cmd.args(["-S", "-nodefaults", "-display", "none", "-machine", "pc", "-accel", "tcg", "-bios"])
+                .arg(&bios)
+                .args(["-chardev", "stdio,id=mon", "-mon", "chardev=mon,mode=control", "-drive"])
+                .arg(format!(
+                    "file={},format={f},if=none,id=d0{}",
+                    s.image_str(),
+                    if readonly { ",readonly=on" } else { "" }
+                ))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive=d0{}", if share_rw { ",share-rw=on" } else { "" }));
+            spawn_until(cmd, qmp_ready)
+        }
+    }
+}
+
+/// Starts `XTASK hold IMAGE SPEC` (`xtask` is the xtask binary) and waits for its `READY`.
+///
+/// # Errors
+/// The child's message when it could not take its locks.
+pub fn start_hold(xtask: &Path, s: &Scratch, spec: &HoldSpec) -> Result<Running, String> {
+    let mut cmd = Command::new(xtask);
+    cmd.arg("hold").arg(&s.image).arg(spec.to_string());
+    spawn_until(cmd, |_, out| hold::wait_ready(out))
+}
+
+/// Runs a QEMU newcomer to its verdict, leaving no process or lock behind.
+pub fn run_qemu(build: &QemuBuild, n: &QemuNewcomer, s: &Scratch) -> Verdict {
+    let f = n.format.name();
+    let simple = |args: Vec<String>| -> Verdict {
+        let mut cmd = build.command(if args[0] == "io" { "qemu-io" } else { "qemu-img" });
+        cmd.args(&args[1..]);
+        cmd.stdin(Stdio::null());
+        match output(&mut cmd) {
+            Ok(o) => Verdict::from_qemu(o.status.success(), &String::from_utf8_lossy(&o.stderr)),
+            Err(e) => Verdict::Failed(e.to_string()),
+        }
+    };
+    let i = s.image_str();
+    let a = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    match n.kind {
+        NewcomerKind::Io { read_only, force_share } => {
+            let mut v = a(&["io", "-f", f]);
+            if read_only {
+                v.push("-r".into());
+            }
+            if force_share {
+                v.push("-U".into());
+            }
+            v.extend(a(&["-c", "quit", &i]));
+            simple(v)
+        }
+        NewcomerKind::Info => simple(a(&["img", "info", "-f", f, &i])),
+        NewcomerKind::Check => simple(a(&["img", "check", "-q", "-f", f, &i])),
+        NewcomerKind::Convert => {
+            let out = s.path(&format!("convert-{f}.out"));
+            let v = simple(a(&["img", "convert", "-f", f, "-O", "raw", &i, &out.display().to_string()]));
+            let _ = fs::remove_file(out);
+            v
+        }
+        NewcomerKind::Resize => simple(a(&["img", "resize", "-q", "-f", f, &i, "2M"])),
+        NewcomerKind::Commit => simple(a(&["img", "commit", "-q", "-f", f, &i])),
+        NewcomerKind::Create => simple(a(&["img", "create", "-q", "-f", f, &i, "1M"])),
+        NewcomerKind::Nbd { read_only } => match nbd(build, n.format, read_only, s, "newcomer") {
+            Ok(r) => {
+                r.stop();
+                Verdict::Granted { note: None }
+            }
+            Err(e) => Verdict::from_qemu(false, &e),
+        },
+        NewcomerKind::Qsd { writable } => match spawn_until(qsd(build, n.format, writable, s), qmp_ready) {
+            Ok(r) => {
+                r.stop();
+                Verdict::Granted { note: None }
+            }
+            Err(e) => Verdict::from_qemu(false, &e),
+        },
+    }
+}
+
+/// Between `fork` and `exec` a child shares every descriptor of this process, CLOEXEC or not,
+/// and with them their OFD locks (spec section 7, pitfall 4). A qlock newcomer's locks must be
+/// gone when the next newcomer runs, so no child is spawned while one is held: spawns share
+/// this gate, in-process locking takes it exclusively.
+static FORK_GATE: RwLock<()> = RwLock::new(());
+
+/// `cmd.spawn()`, never while an in-process qlock newcomer holds locks. `spawn` returns after
+/// the child's `exec`, when it no longer shares our descriptors.
+fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    let _gate = FORK_GATE.read().unwrap_or_else(|e| e.into_inner());
+    cmd.spawn()
+}
+
+/// `cmd.output()` through [`spawn`].
+fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    spawn(cmd)?.wait_with_output()
+}
+
+/// A qlock newcomer, in this process: OFD locks belong to the open file description, so the
+/// holder being another process is all that matters.
+pub fn run_qlock(access: Access, s: &Scratch) -> Verdict {
+    let _gate = FORK_GATE.write().unwrap_or_else(|e| e.into_inner());
+    let opts = LockOptions { find_holders: false, ..LockOptions::default() };
+    match ImageLock::acquire_with(&s.image, access, &opts) {
+        Ok(lock) => {
+            drop(lock);
+            Verdict::Granted { note: None }
+        }
+        Err(e) if e.is_conflict() => {
+            let text = e.to_string();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("Held by")).collect();
+            Verdict::Refused(lines.join("\n"))
+        }
+        Err(e) => Verdict::Failed(e.to_string()),
+    }
+}
+
+fn flags(cmd: &mut Command, read_only: bool, force_share: bool) {
+    if read_only {
+        cmd.arg("-r");
+    }
+    if force_share {
+        cmd.arg("-U");
+    }
+}
+
+fn nbd(
+    build: &QemuBuild,
+    format: Format,
+    read_only: bool,
+    s: &Scratch,
+    role: &str,
+) -> Result<Running, String> {
+    let pid_file = s.path(&format!("nbd-{role}.pid"));
+    let err_file = s.path(&format!("nbd-{role}.err"));
+    let _ = fs::remove_file(&pid_file);
+    let err = fs::File::create(&err_file).map_err(|e| e.to_string())?;
+    let mut cmd = build.command("qemu-nbd");
+    cmd.args(["-f", format.name(), "--fork", "--pid-file"]).arg(&pid_file).arg("-k");
+    cmd.arg(s.path(&format!("nbd-{role}.sock")));
+    if read_only {
+        cmd.arg("-r");
+    }
+    cmd.arg(&s.image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
+    // With --fork the parent exits once the server is set up: that is the handshake.
+    let status = spawn(&mut cmd).and_then(|mut c| c.wait()).map_err(|e| e.to_string())?;
+    let stderr = fs::read_to_string(&err_file).unwrap_or_default();
+    if !status.success() {
+        return Err(stderr);
+    }
+    let pid: i32 = fs::read_to_string(&pid_file)
+        .map_err(|e| format!("qemu-nbd pid file: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("qemu-nbd pid file: {e}"))?;
+    Ok(Running { child: None, stdin: None, daemon: Some(Pid::from_raw(pid)) })
+}
+
+fn qsd(build: &QemuBuild, format: Format, writable: bool, s: &Scratch) -> Command {
+    let ro = if writable { "" } else { ",read-only=on" };
+    let role = if writable { "rw" } else { "ro" };
+    let mut cmd = build.command("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!("driver=file,node-name=f,filename={}{ro}", s.image_str()))
+        .arg("--blockdev")
+        .arg(format!("driver={},node-name=n,file=f{ro}", format.name()))
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", s.path(&format!("qsd-{role}.sock")).display()))
+        .arg("--export")
+        .arg(format!("type=nbd,id=e,node-name=n,writable={}", if writable { "on" } else { "off" }))
+        // Last, so that its greeting comes after everything above is set up.
+        .args(["--chardev", "stdio,id=mon", "--monitor", "chardev=mon"]);
+    cmd
+}
+
+/// Spawns `cmd` with piped stdio and calls `ready` on its stdout. Not ready: the process is
+/// reaped and its stderr returned as the error.
+fn spawn_until(
+    mut cmd: Command,
+    ready: impl FnOnce(&mut ChildStdin, &mut BufReader<ChildStdout>) -> bool,
+) -> Result<Running, String> {
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = spawn(&mut cmd).map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let mut reader = BufReader::new(stdout);
+    if ready(&mut stdin, &mut reader) {
+        let stdin = Some(stdin);
+        // Keep draining stdout so that a chatty child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        // Errors after readiness do not matter; stderr is not read again.
+        let stderr = child.stderr.take();
+        std::thread::spawn(move || {
+            if let Some(mut e) = stderr {
+                let _ = std::io::copy(&mut e, &mut std::io::sink());
+            }
+        });
+        return Ok(Running { child: Some(child), stdin, daemon: None });
+    }
+    drop(stdin);
+    let _ = child.kill();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let _ = child.wait();
+    Err(err)
+}
+
+fn read_until_prompt(out: &mut impl Read, prompt: &[u8]) -> bool {
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match out.read(&mut byte) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {
+                seen.push(byte[0]);
+                if seen.ends_with(prompt) {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// QMP handshake: after the greeting, a command's reply can only come from the main loop,
+/// which starts once the whole command line (drives, devices, exports) has been set up. The
+/// greeting alone is not enough: qemu-system sends it before creating its drives.
+fn qmp_ready(stdin: &mut ChildStdin, out: &mut BufReader<ChildStdout>) -> bool {
+    let mut line = String::new();
+    if !matches!(out.read_line(&mut line), Ok(n) if n > 0) || !line.contains("\"QMP\"") {
+        return false;
+    }
+    let cmds = "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-version\",\"id\":\"ready\"}\n";
+    if stdin.write_all(cmds.as_bytes()).and_then(|()| stdin.flush()).is_err() {
+        return false;
+    }
+    loop {
+        line.clear();
+        match out.read_line(&mut line) {
+            Ok(0) | Err(_) => return false,
+            Ok(_) if line.contains("\"ready\"") => return line.contains("\"return\""),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Verdict;
+
+    #[test]
+    fn qemu_messages_lose_their_prefix_and_keep_the_hint() {
+        let io = "qemu-io: can't open device /i/d.qcow2: Failed to get \"write\" lock\n\
+                  Is another process using the image [/i/d.qcow2]?\n";
+        let want = "Failed to get \"write\" lock\nIs another process using the image [/i/d.qcow2]?";
+        assert_eq!(Verdict::from_qemu(false, io), Verdict::Refused(want.into()));
+        let img = "qemu-img: Could not open '/i/d.qcow2': Failed to lock byte 100\n";
+        assert_eq!(Verdict::from_qemu(false, img), Verdict::Refused("Failed to lock byte 100".into()));
+        let commit = "qemu-img: Image does not have a backing file\n";
+        assert!(matches!(Verdict::from_qemu(false, commit), Verdict::Granted { note: Some(_) }));
+        assert_eq!(Verdict::from_qemu(false, ""), Verdict::Failed("failed without a message".into()));
+        assert!(Verdict::from_qemu(true, "").agrees(&Verdict::Granted { note: Some("x".into()) }));
+    }
+}

@@ -23,7 +23,8 @@
 //!
 //! Modules, in the order data flows: [`perm`] (bits and bytes), [`access`] (requests and
 //! presets), [`plan`] (the protocol as pure data), [`sys`] (the fcntl calls), [`image`] (the
-//! guard), [`holders`] (inspection), [`wait`] (backoff), [`error`].
+//! guard), [`holders`] (inspection), [`wait`] (backoff), [`wake`] (the
+//! inotify hint that ends a wait's sleep early), [`error`].
 #![forbid(unsafe_code)]
 
 pub mod access;
@@ -34,6 +35,7 @@ pub mod perm;
 pub mod plan;
 pub mod sys;
 pub mod wait;
+pub mod wake;
 
 pub use access::{Access, Preset};
 pub use error::{Conflict, ConflictReason, Error, Result};

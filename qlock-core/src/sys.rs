@@ -58,6 +58,29 @@ pub fn ofd_supported() -> bool {
     })
 }
 
+/// Whether `fd` lives on a local filesystem (ext2/3/4, xfs, btrfs, tmpfs), where lock calls
+/// are non-blocking syscalls of well under a microsecond.
+///
+/// Async callers may run such calls inline on their executor. Anything else (NFS, CIFS, FUSE,
+/// overlay over an unknown lower layer, or a failing `fstatfs`) may block for a network round
+/// trip, so it answers false and the calls belong on a blocking pool.
+///
+/// ```
+/// let tmp = std::fs::File::open(std::env::temp_dir())?;
+/// let _local: bool = qlock_core::sys::is_local_fs(std::os::fd::AsFd::as_fd(&tmp));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # References
+/// - [`statfs(2)`](https://man7.org/linux/man-pages/man2/statfs.2.html)
+pub fn is_local_fs(fd: BorrowedFd<'_>) -> bool {
+    use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC, fstatfs};
+    // EXT4_SUPER_MAGIC is also ext2's and ext3's.
+    fstatfs(fd).is_ok_and(|s| {
+        [EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, BTRFS_SUPER_MAGIC, TMPFS_MAGIC].contains(&s.filesystem_type())
+    })
+}
+
 /// Read-locks `range` (non-blocking, `EINTR` retried).
 #[doc(alias = "F_OFD_SETLK")]
 pub(crate) fn read_lock(fd: BorrowedFd<'_>, kind: LockKind, range: ByteRange) -> io::Result<()> {
@@ -181,4 +204,17 @@ pub(crate) mod seam {
 #[doc(hidden)]
 pub fn fcntl_calls() -> u64 {
     seam::calls()
+}
+
+#[cfg(test)]
+mod local_fs_tests {
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn tmpfs_is_local_and_procfs_is_not() {
+        let shm = std::fs::File::open("/dev/shm").unwrap();
+        assert!(super::is_local_fs(shm.as_fd()));
+        let proc = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(!super::is_local_fs(proc.as_fd()));
+    }
 }

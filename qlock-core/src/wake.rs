@@ -1,0 +1,103 @@
+//! A wake-up hint for waiters: inotify close events on the image.
+//!
+//! A holder's locks go away when its last descriptor of the image closes, and the kernel
+//! reports that close to inotify as `IN_CLOSE_WRITE` or `IN_CLOSE_NOWRITE`. A waiter that
+//! watches for them can retry at once instead of at the end of its backoff delay. It is only a
+//! hint: a holder can drop locks without closing (QEMU inactivating an image for migration),
+//! closes on other hosts of a network filesystem are never reported, and unrelated closes wake
+//! the waiter for nothing. So waiting stays polling ([`crate::wait::retry`]); the hint only
+//! ends a sleep early.
+//!
+//! The descriptor is non-blocking, so async runtimes can register it with their reactor
+//! (tokio's `AsyncFd`, async-io's `Async`) and call [`CloseWatch::drain`] when it is readable.
+//!
+//! ```
+//! use qlock_core::wake::CloseWatch;
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let path = dir.path().join("disk.img");
+//! # std::fs::write(&path, b"").unwrap();
+//!
+//! let watch = CloseWatch::new(&path)?;
+//! assert!(!watch.drain()?);                 // nothing closed yet
+//! drop(std::fs::File::open(&path)?);        // someone opens and closes the image
+//! assert!(watch.drain()?);                  // ... and the watch saw it
+//! assert!(!watch.drain()?);                 // events are consumed
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! # References
+//! - [`inotify(7)`](https://man7.org/linux/man-pages/man7/inotify.7.html)
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+
+/// An inotify instance watching one image for close events.
+#[derive(Debug)]
+pub struct CloseWatch {
+    inotify: Inotify,
+}
+
+impl CloseWatch {
+    /// Watches `path` for `IN_CLOSE_WRITE | IN_CLOSE_NOWRITE`, on a non-blocking, close-on-exec
+    /// descriptor.
+    ///
+    /// # Errors
+    /// The `inotify_init1(2)` or `inotify_add_watch(2)` error, e.g. `EMFILE` when the per-user
+    /// limit of inotify instances is reached; waiters then just poll.
+    pub fn new(path: impl AsRef<Path>) -> io::Result<CloseWatch> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+        inotify.add_watch(path.as_ref(), AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_CLOSE_NOWRITE)?;
+        Ok(CloseWatch { inotify })
+    }
+
+    /// Consumes every pending event without blocking; true when there was at least one.
+    ///
+    /// # Errors
+    /// A `read(2)` error other than `EAGAIN`.
+    pub fn drain(&self) -> io::Result<bool> {
+        let mut seen = false;
+        loop {
+            match self.inotify.read_events() {
+                Ok(events) if events.is_empty() => return Ok(seen),
+                Ok(_) => seen = true,
+                Err(Errno::EAGAIN) => return Ok(seen),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl AsFd for CloseWatch {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Access, ImageLock};
+
+    #[test]
+    fn a_holder_releasing_its_image_is_seen_and_our_own_probes_are_not_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, b"").unwrap();
+        let holder = ImageLock::acquire(&path, Access::WRITE).unwrap();
+        let watch = CloseWatch::new(&path).unwrap();
+        assert!(!watch.drain().unwrap());
+        drop(holder);
+        assert!(watch.drain().unwrap());
+    }
+
+    #[test]
+    fn a_missing_image_is_an_error_not_a_panic() {
+        let err = CloseWatch::new("/nonexistent/qlock/img").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+}

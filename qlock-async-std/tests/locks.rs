@@ -118,7 +118,8 @@ fn a_waiter_gets_in_when_the_holder_quits_or_is_killed_and_the_hint_cuts_the_sle
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "w.img");
     // Without the inotify hint this waiter would sleep 30-60 s between attempts.
-    let slow = Backoff { initial: Duration::from_secs(60), max: Duration::from_secs(60), ..Backoff::default() };
+    let slow =
+        Backoff { initial: Duration::from_secs(60), max: Duration::from_secs(60), ..Backoff::default() };
     let opts = LockOptions::default();
     on_both_runtimes(|_| async {
         for kill in [false, true] {
@@ -126,7 +127,11 @@ fn a_waiter_gets_in_when_the_holder_quits_or_is_killed_and_the_hint_cuts_the_sle
             let mut waiter = Box::pin(ImageLock::acquire_wait(&path, Access::WRITE, &opts, &slow));
             // The holder is alive: the waiter must still be waiting.
             assert!(within(Duration::from_millis(100), &mut waiter).await.is_none());
-            if kill { vm.kill() } else { vm.quit() }
+            if kill {
+                vm.kill()
+            } else {
+                vm.quit()
+            }
             let guard = within(Duration::from_secs(20), waiter).await.expect("hint missed").unwrap();
             let (held, pids) = held_from_another_process(&path);
             assert_eq!(held.to_string(), "100 101 103 | 201 203");

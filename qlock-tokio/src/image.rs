@@ -54,7 +54,9 @@ impl ImageLock {
     ) -> Result<ImageLock, Error> {
         let (path, opts) = (path.as_ref().to_path_buf(), options.clone());
         let find_holders = opts.find_holders;
-        asyncify(move || Core::acquire_with(&path, access, &opts)).await.map(|l| ImageLock::wrap(l, find_holders))
+        asyncify(move || Core::acquire_with(&path, access, &opts))
+            .await
+            .map(|l| ImageLock::wrap(l, find_holders))
     }
 
     /// [`ImageLock::acquire_with`] without naming the holders on a conflict: the cheap attempt
@@ -140,7 +142,8 @@ impl ImageLock {
     /// As [`ImageLock::acquire_wait`]; the previous access is still held on error.
     pub async fn wait_for(&mut self, access: Access, backoff: &Backoff) -> Result<(), Error> {
         let path = self.path.clone();
-        let watch = if self.local { Hint::watch(&path) } else { asyncify(move || Ok(Hint::watch(&path))).await? };
+        let watch =
+            if self.local { Hint::watch(&path) } else { asyncify(move || Ok(Hint::watch(&path))).await? };
         self.wait_loop(access, backoff, Hint::register(watch)).await
     }
 
@@ -156,7 +159,9 @@ impl ImageLock {
 
     /// The access held now (nothing once [lost](ImageLock::is_lost)).
     pub fn access(&self) -> Access {
-        self.inner.as_ref().map_or(Access::new(qlock_core::Perm::empty(), qlock_core::Perm::ALL), Core::access)
+        self.inner
+            .as_ref()
+            .map_or(Access::new(qlock_core::Perm::empty(), qlock_core::Perm::ALL), Core::access)
     }
 
     /// The protocol bytes this descriptor holds.

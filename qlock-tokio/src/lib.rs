@@ -60,7 +60,7 @@
 //!   call is dropped while it is there, the descriptor is closed when it finishes and the guard
 //!   is left empty ([`ImageLock::is_lost`]); later calls on it fail and it holds nothing.
 //!
-//! This mirrors [`tokio::fs`]: work handed to the pool completes, and its result is dropped.
+//! This mirrors [`tokio::fs`](https://docs.rs/tokio/latest/tokio/fs/index.html): work handed to the pool completes, and its result is dropped.
 //!
 //! # Dropping a guard
 //!

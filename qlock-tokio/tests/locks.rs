@@ -98,12 +98,18 @@ fn a_waiter_gets_in_when_the_holder_quits_or_is_killed() {
             let policy = quick().with_timeout(Duration::from_secs(30));
             let waiter = tokio::spawn({
                 let path = path.clone();
-                async move { ImageLock::acquire_wait(&path, Access::WRITE, &LockOptions::default(), &policy).await }
+                async move {
+                    ImageLock::acquire_wait(&path, Access::WRITE, &LockOptions::default(), &policy).await
+                }
             });
             // The holder is alive: the waiter must still be waiting.
             let mut waiter = Box::pin(waiter);
             assert!(tokio::time::timeout(Duration::from_millis(100), &mut waiter).await.is_err());
-            if kill { vm.kill() } else { vm.quit() }
+            if kill {
+                vm.kill()
+            } else {
+                vm.quit()
+            }
             waiter.await.unwrap().unwrap()
         });
         let (held, pids) = held_from_another_process(&path);
@@ -119,14 +125,16 @@ fn the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "h.img");
     // Without the hint the waiter would sleep 30-60 s between attempts; the test allows 20 s.
-    let slow = Backoff { initial: Duration::from_secs(60), max: Duration::from_secs(60), ..Backoff::default() };
+    let slow =
+        Backoff { initial: Duration::from_secs(60), max: Duration::from_secs(60), ..Backoff::default() };
     let opts = LockOptions::default();
     runtime().block_on(async {
         let vm = QemuIo::hold(&path, false);
         let mut waiter = Box::pin(ImageLock::acquire_wait(&path, Access::READ, &opts, &slow));
         assert!(tokio::time::timeout(Duration::from_millis(100), &mut waiter).await.is_err());
         vm.kill();
-        let guard = tokio::time::timeout(Duration::from_secs(20), waiter).await.expect("hint missed").unwrap();
+        let guard =
+            tokio::time::timeout(Duration::from_secs(20), waiter).await.expect("hint missed").unwrap();
         assert_eq!(guard.access(), Access::READ);
     });
 }
@@ -205,7 +213,9 @@ fn cancellation_torture_leaks_no_lock() {
             let polls = rng.below(12);
             let op = rng.below(4);
             let outcome: Option<Result<Option<ImageLock>, Error>> = match op {
-                0 => CancelAfter { fut: Box::pin(ImageLock::acquire(&path, access)), polls }.await.map(|r| r.map(Some)),
+                0 => CancelAfter { fut: Box::pin(ImageLock::acquire(&path, access)), polls }
+                    .await
+                    .map(|r| r.map(Some)),
                 1 => {
                     let f = ImageLock::acquire_wait(&path, access, &opts, &fast);
                     CancelAfter { fut: Box::pin(f), polls }.await.map(|r| r.map(Some))
@@ -248,7 +258,12 @@ fn cancellation_torture_leaks_no_lock() {
     drop(rt);
     assert!(cancelled > N as u32 / 4 && done > N as u32 / 10, "done {done}, cancelled {cancelled}");
     for path in &paths {
-        assert_eq!(held_from_another_process(path), (qlock_core::LockSet::EMPTY, vec![]), "{}", path.display());
+        assert_eq!(
+            held_from_another_process(path),
+            (qlock_core::LockSet::EMPTY, vec![]),
+            "{}",
+            path.display()
+        );
         assert!(qemu_io_can_write(path));
     }
 }

@@ -32,8 +32,13 @@ impl QemuIo {
         if read_only {
             cmd.arg("-r");
         }
-        let mut child =
-            cmd.arg(path).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut child = cmd
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
         // Readiness handshake: qemu-io prints its prompt once the image is open and locked.
         let mut out = child.stdout.take().unwrap();
         let mut seen = Vec::new();
@@ -102,7 +107,11 @@ pub fn held_from_another_process(path: &Path) -> (LockSet, Vec<u32>) {
 pub fn probe_role() {
     let path = std::env::var("QLOCK_IMAGE").unwrap();
     let status = qlock_core::inspect(&[&path]).remove(0).unwrap();
-    let bytes: Vec<String> = (100..=104).chain(200..=204).filter(|b| status.others.held.has_byte(*b)).map(|b: u64| b.to_string()).collect();
+    let bytes: Vec<String> = (100..=104)
+        .chain(200..=204)
+        .filter(|b| status.others.held.has_byte(*b))
+        .map(|b: u64| b.to_string())
+        .collect();
     let pids: Vec<String> = status.holders.iter().map(|h| h.pid.to_string()).collect();
     println!("QLOCK:held {}", bytes.join(" "));
     println!("QLOCK:pids {}", pids.join(" "));

@@ -34,6 +34,16 @@ impl Hint {
     }
 }
 
+impl Drop for Hint {
+    /// Closing an inotify descriptor waits for an SRCU grace period in the kernel (about 10 ms
+    /// here), far too long for an executor thread: the pool closes it.
+    fn drop(&mut self) {
+        if let Some(watch) = self.0.take().and_then(|fd| fd.into_inner().ok()) {
+            crate::offload::drop_in_pool(watch);
+        }
+    }
+}
+
 /// Completes on the next close event (or one already queued); never completes on errors.
 async fn closed(fd: &Async<CloseWatch>) {
     loop {

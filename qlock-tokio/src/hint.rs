@@ -3,6 +3,7 @@
 use std::future::pending;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use qlock_core::wake::CloseWatch;
@@ -24,6 +25,9 @@ impl AsRawFd for Watch {
 impl Hint {
     /// Watches `path`. Cheap (two syscalls), but a path lookup: call it where lookups may run.
     pub(crate) fn watch(path: &Path) -> Option<CloseWatch> {
+        if !ENABLED.load(Ordering::Relaxed) {
+            return None;
+        }
         CloseWatch::new(path).ok()
     }
 
@@ -46,6 +50,19 @@ impl Hint {
     }
 }
 
+impl Drop for Hint {
+    /// Closing an inotify descriptor waits for an SRCU grace period in the kernel (about 10 ms
+    /// here), far too long for an executor thread: the pool closes it.
+    fn drop(&mut self) {
+        let Some(fd) = self.0.take() else { return };
+        let watch = fd.into_inner();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(watch))),
+            Err(_) => drop(watch),
+        }
+    }
+}
+
 /// Completes on the next close event (or one already queued); never completes on errors.
 async fn closed(fd: &AsyncFd<Watch>) {
     loop {
@@ -56,4 +73,13 @@ async fn closed(fd: &AsyncFd<Watch>) {
             Err(_) => return pending().await,
         }
     }
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the inotify hint off (or back on) for the waits that start afterwards, so benchmarks
+/// can measure what it buys. Not for production use.
+#[doc(hidden)]
+pub fn set_close_hint(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
 }

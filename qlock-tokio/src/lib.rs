@@ -76,5 +76,6 @@ mod image;
 mod offload;
 mod status;
 
+pub use hint::set_close_hint;
 pub use image::ImageLock;
 pub use status::inspect;

@@ -66,7 +66,8 @@ pub(crate) fn take(args: &HoldArgs, wait_for_it: bool) -> Result<Vec<ImageLock>,
     }
     let mut progress = Progress::new();
     let mut last = None;
-    let watches: Vec<CloseWatch> = args.images.iter().filter_map(|p| CloseWatch::new(p).ok()).collect();
+    // Made at the first sleep: an uncontended wait should not pay ~10 ms to close them.
+    let mut watches: Option<Vec<CloseWatch>> = None;
     let result = wait::retry_blocking(
         &backoff,
         || {
@@ -77,7 +78,11 @@ pub(crate) fn take(args: &HoldArgs, wait_for_it: bool) -> Result<Vec<ImageLock>,
                 e
             })
         },
-        |d| sleep_or_close(&watches, d),
+        |d| {
+            let w = watches
+                .get_or_insert_with(|| args.images.iter().filter_map(|p| CloseWatch::new(p).ok()).collect());
+            sleep_or_close(w, d);
+        },
     );
     progress.clear();
     match result {

@@ -232,9 +232,20 @@ impl ImageLock {
     pub fn wait_for(&mut self, access: Access, backoff: &Backoff) -> Result<()> {
         let find = self.find_holders;
         // A close of the image often means a holder went away: retry then, not at the next tick.
-        let watch: Vec<CloseWatch> = CloseWatch::new(&self.path).into_iter().collect();
-        let result =
-            wait::retry_blocking(backoff, || self.update(access, false), |d| wake::sleep_or_close(&watch, d));
+        // The watch is made at the first sleep: closing one costs ~10 ms of kernel time, which an
+        // uncontended wait should not pay.
+        let path = self.path.clone();
+        let mut watch: Option<Vec<CloseWatch>> = None;
+        let result = wait::retry_blocking(
+            backoff,
+            || self.update(access, false),
+            |d| {
+                wake::sleep_or_close(
+                    watch.get_or_insert_with(|| CloseWatch::new(&path).into_iter().collect()),
+                    d,
+                )
+            },
+        );
         result.map_err(|e| if find { self.with_holders(e) } else { e })
     }
 

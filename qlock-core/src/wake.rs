@@ -8,6 +8,11 @@
 //! the waiter for nothing. So waiting stays polling ([`crate::wait::retry`]); the hint only
 //! ends a sleep early.
 //!
+//! Two costs to plan for: closing a watch waits for an SRCU grace period in the kernel (about
+//! 10 ms), so async callers close it on a blocking pool; and each watch is an inotify instance,
+//! of which a user may have only `fs.inotify.max_user_instances` (often 128): past that,
+//! [`CloseWatch::new`] fails with `EMFILE` and the waiter just polls.
+//!
 //! The descriptor is non-blocking, so async runtimes can register it with their reactor
 //! (tokio's `AsyncFd`, async-io's `Async`) and call [`CloseWatch::drain`] when it is readable.
 //!

@@ -1,0 +1,84 @@
+//! QEMU-compatible disk-image locks for async-std and smol: [`qlock_core`]'s operations as
+//! async functions that never block the executor.
+//!
+//! Built on [`blocking`] (the thread pool) and [`async_io`] (timers and the reactor), which
+//! async-std and smol share, so one crate serves both; async-std itself is discontinued
+//! upstream and smol is its successor.
+//!
+//! ```
+//! use qlock_core::{Access, Backoff, LockOptions};
+//! use qlock_async_std::ImageLock;
+//! use std::time::Duration;
+//! # fn main() -> Result<(), qlock_core::Error> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let path = dir.path().join("vm.qcow2");
+//! # std::fs::write(&path, b"").unwrap();
+//!
+//! // Under async-std (`async_std::task::block_on`) or smol alike.
+//! smol::block_on(async {
+//!     // A backup agent: wait up to a minute for the VM to let go, then read with writers refused.
+//!     let backoff = Backoff::default().with_timeout(Duration::from_secs(60));
+//!     let mut guard = ImageLock::acquire_wait(&path, Access::READ, &LockOptions::default(), &backoff).await?;
+//!     // ... copy from guard.file() ...
+//!     guard.set_access(Access::FORCE_SHARE).await?; // done reading: stop refusing writers
+//!     guard.release().await                        // or just drop it
+//! })
+//! # }
+//! ```
+//!
+//! # What runs where
+//!
+//! Every operation crosses to the `blocking` pool ([`blocking::unblock`]) at most once, not
+//! once per `fcntl`: opening an image (a path lookup that can stall on NFS), naming holders (a
+//! walk over `/proc`), and [`inspect`] always go there, in one closure each.
+//!
+//! On a local filesystem (ext2/3/4, xfs, btrfs, tmpfs, per
+//! [`qlock_core::sys::is_local_fs`]) a lock call is a non-blocking syscall of well under a
+//! microsecond, a tenth of a pool round trip, so the retries of a wait, access changes on an
+//! open guard and releases run inline on the executor. On any other filesystem (NFS, CIFS,
+//! FUSE) each of those goes to the pool too.
+//!
+//! # Waiting
+//!
+//! [`ImageLock::acquire_wait`] and [`ImageLock::wait_for`] poll with the core's jittered
+//! exponential [`Backoff`](qlock_core::Backoff) through the core's one waiting loop,
+//! [`qlock_core::wait::retry`], sleeping on [`async_io::Timer`]s. While they sleep they also
+//! watch the image with inotify ([`qlock_core::wake::CloseWatch`], registered with the reactor
+//! as an [`async_io::Async`]): when some process closes the image, which is when QEMU's locks
+//! go away, they retry at once. Polling stays the fallback for holders that drop locks without
+//! closing and for closes inotify cannot see (other hosts).
+//!
+//! # Cancellation
+//!
+//! Dropping any future of this crate at any await point never leaks a lock:
+//!
+//! - A closure already running on the pool cannot be stopped, so it owns everything it opens.
+//!   An acquire whose future was dropped finishes in the pool, and then its guard is dropped
+//!   there, which closes the descriptor and releases every byte. A closure that had not
+//!   started yet never runs ([`blocking::Task`] is cancelled on drop). [`in_flight`] counts
+//!   the closures not yet finished, for orderly shutdowns.
+//! - A wait dropped between attempts drops what it opened (acquire) or leaves the guard with
+//!   the access it held before the call ([`ImageLock::wait_for`]).
+//! - On a local filesystem, [`ImageLock::set_access`] and [`ImageLock::wait_for`] change the
+//!   access atomically on the executor, so a dropped call has either changed it fully or not
+//!   at all. On other filesystems the change runs in the pool, owning the descriptor: if the
+//!   call is dropped while it is there, the descriptor is closed when it finishes and the guard
+//!   is left empty ([`ImageLock::is_lost`]); later calls on it fail and it holds nothing.
+//!
+//! # Dropping a guard
+//!
+//! Dropping an [`ImageLock`] closes its descriptor, which releases its locks. On a local
+//! filesystem `close(2)` of a read-only descriptor is a few microseconds, so it happens inline.
+//! On other filesystems `close(2)` may wait for the server to drop the locks, so the drop hands
+//! the descriptor to the pool. Use [`ImageLock::release`] to wait for the release and see its
+//! errors.
+#![forbid(unsafe_code)]
+
+mod hint;
+mod image;
+mod offload;
+mod status;
+
+pub use image::ImageLock;
+pub use offload::in_flight;
+pub use status::inspect;

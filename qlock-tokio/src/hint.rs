@@ -1,0 +1,85 @@
+//! Sleeping between attempts: a tokio timer, cut short by an inotify close event.
+
+use std::future::pending;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use qlock_core::wake::CloseWatch;
+use tokio::io::unix::AsyncFd;
+
+/// An image's [`CloseWatch`] registered with tokio's reactor; absent when inotify or the
+/// reactor is unavailable, and the wait then just polls.
+pub(crate) struct Hint(Option<AsyncFd<Watch>>);
+
+/// [`CloseWatch`] owns its descriptor for its whole life, which is what [`AsyncFd`] needs.
+struct Watch(CloseWatch);
+
+impl AsRawFd for Watch {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl Hint {
+    /// Watches `path`. Cheap (two syscalls), but a path lookup: call it where lookups may run.
+    pub(crate) fn watch(path: &Path) -> Option<CloseWatch> {
+        if !ENABLED.load(Ordering::Relaxed) {
+            return None;
+        }
+        CloseWatch::new(path).ok()
+    }
+
+    /// Registers a watch made by [`Hint::watch`] with the current runtime's reactor.
+    pub(crate) fn register(watch: Option<CloseWatch>) -> Hint {
+        // `AsyncFd::new` is deprecated in favour of an `unsafe` constructor whose contract is that
+        // the descriptor stays open and the same while registered: `Watch` owns it and never
+        // replaces it, so the safe, deprecated constructor is sound here.
+        #[allow(deprecated)]
+        Hint(watch.and_then(|w| AsyncFd::new(Watch(w)).ok()))
+    }
+
+    /// Sleeps for `delay`, or less if the image is closed by anyone meanwhile.
+    pub(crate) async fn sleep(&self, delay: Duration) {
+        let timer = tokio::time::sleep(delay);
+        match &self.0 {
+            None => timer.await,
+            Some(fd) => futures_lite::future::or(timer, closed(fd)).await,
+        }
+    }
+}
+
+impl Drop for Hint {
+    /// Closing an inotify descriptor waits for an SRCU grace period in the kernel (about 10 ms
+    /// here), far too long for an executor thread: the pool closes it.
+    fn drop(&mut self) {
+        let Some(fd) = self.0.take() else { return };
+        let watch = fd.into_inner();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(watch))),
+            Err(_) => drop(watch),
+        }
+    }
+}
+
+/// Completes on the next close event (or one already queued); never completes on errors.
+async fn closed(fd: &AsyncFd<Watch>) {
+    loop {
+        let Ok(mut ready) = fd.readable().await else { return pending().await };
+        match ready.get_inner().0.drain() {
+            Ok(true) => return,
+            Ok(false) => ready.clear_ready(),
+            Err(_) => return pending().await,
+        }
+    }
+}
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns the inotify hint off (or back on) for the waits that start afterwards, so benchmarks
+/// can measure what it buys. Not for production use.
+#[doc(hidden)]
+pub fn set_close_hint(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}

@@ -1,0 +1,151 @@
+//! Helpers shared by the async crates' tests (the async-std crate includes this file by path):
+//! real holder processes, probes from another process, a seeded random source.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use qlock_core::LockSet;
+
+/// The test every test binary defines to run child roles: `child_process`.
+pub const CHILD_TEST: &str = "child_process";
+/// Selects a child role.
+pub const ROLE: &str = "QLOCK_TEST_ROLE";
+
+/// A 1 MiB raw image in `dir`.
+pub fn image(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+    path
+}
+
+/// A real `qemu-io` holding `path` (read-write unless `read_only`), ready once its prompt shows.
+pub struct QemuIo {
+    child: Child,
+}
+
+impl QemuIo {
+    pub fn hold(path: &Path, read_only: bool) -> QemuIo {
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", "raw"]);
+        if read_only {
+            cmd.arg("-r");
+        }
+        let mut child = cmd
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // Readiness handshake: qemu-io prints its prompt once the image is open and locked.
+        let mut out = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(b"qemu-io> ") {
+            assert_eq!(out.read(&mut byte).unwrap(), 1, "qemu-io exited before its prompt");
+            seen.push(byte[0]);
+        }
+        QemuIo { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Ends the session cleanly (`quit`), which closes the image.
+    pub fn quit(mut self) {
+        self.child.stdin.take().unwrap().write_all(b"quit\n").unwrap();
+        assert!(self.child.wait().unwrap().success());
+    }
+
+    /// SIGKILL: the kernel closes the image for it.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for QemuIo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs this test binary again as `role`, with `env`, and returns its stdout lines that start
+/// with `QLOCK:` (libtest's own chatter is skipped).
+pub fn spawn_child(role: &str, env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"]).env(ROLE, role);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap()
+}
+
+/// The `QLOCK:` lines of a finished child; asserts it succeeded.
+pub fn child_report(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "child failed: {text}");
+    text.lines().filter_map(|l| l.find("QLOCK:").map(|i| l[i + 6..].to_owned())).collect()
+}
+
+/// What another process sees held on `path`: the held bytes and the pids holding them.
+pub fn held_from_another_process(path: &Path) -> (LockSet, Vec<u32>) {
+    let lines = child_report(spawn_child("probe", &[("QLOCK_IMAGE", path.display().to_string())]));
+    let held = lines.iter().find_map(|l| l.strip_prefix("held ")).unwrap();
+    let pids = lines.iter().find_map(|l| l.strip_prefix("pids ")).unwrap();
+    let mut set = LockSet::EMPTY;
+    held.split_whitespace().filter_map(|b| b.parse().ok()).for_each(|b| set.add_byte(b));
+    (set, pids.split_whitespace().map(|p| p.parse().unwrap()).collect())
+}
+
+/// The probe role: prints what [`qlock_core::inspect`] sees on `QLOCK_IMAGE`.
+pub fn probe_role() {
+    let path = std::env::var("QLOCK_IMAGE").unwrap();
+    let status = qlock_core::inspect(&[&path]).remove(0).unwrap();
+    let bytes: Vec<String> = (100..=104)
+        .chain(200..=204)
+        .filter(|b| status.others.held.has_byte(*b))
+        .map(|b: u64| b.to_string())
+        .collect();
+    let pids: Vec<String> = status.holders.iter().map(|h| h.pid.to_string()).collect();
+    println!("QLOCK:held {}", bytes.join(" "));
+    println!("QLOCK:pids {}", pids.join(" "));
+}
+
+/// True when a real `qemu-io` can open `path` read-write (it refuses if we hold anything that
+/// conflicts with a writer).
+pub fn qemu_io_can_write(path: &Path) -> bool {
+    Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "quit"])
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// xorshift64, seeded from the clock and printed so a failure can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn from_env_or_clock() -> Rng {
+        let seed = std::env::var("QLOCK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
+        });
+        eprintln!("QLOCK_SEED={seed}");
+        Rng(seed)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}

@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 
@@ -176,39 +177,51 @@ pub(crate) const ROLE: &str = "QLOCK_TEST_ROLE";
 pub(crate) struct Helper {
     pub(crate) child: Child,
     stdin: Option<ChildStdin>,
-    /// Lines the child printed after `READY` was seen are not read; lines before it are kept.
+    /// Kept open (and drained at the end) so that the child's last writes do not hit EPIPE.
+    stdout: BufReader<std::process::ChildStdout>,
+    /// What the child reported with [`say`] before `READY`.
     pub(crate) lines: Vec<String>,
 }
 
 impl Helper {
     /// Starts `current_exe --exact child_role` with `role` and `envs`, and waits for `READY`.
     pub(crate) fn start(role: &str, envs: &[(&str, String)]) -> Helper {
-        let mut child = Command::new(std::env::current_exe().expect("current exe"))
-            .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        Helper::start_as(role, envs, None)
+    }
+
+    /// As [`Helper::start`], running as user and group `uid` when given (needs root).
+    pub(crate) fn start_as(role: &str, envs: &[(&str, String)], uid: Option<u32>) -> Helper {
+        let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+        cmd.args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
             .env(ROLE, role)
             .envs(envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn helper");
+            .stderr(Stdio::piped());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let mut child = cmd.spawn().expect("spawn helper");
         let stdin = child.stdin.take();
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
         let mut lines = Vec::new();
         loop {
             let mut line = String::new();
             if out.read_line(&mut line).expect("read helper stdout") == 0 {
+                drop(stdin);
                 let mut err = String::new();
                 child.stderr.take().expect("stderr").read_to_string(&mut err).ok();
                 panic!("helper {role} exited before READY; stdout {lines:?}; stderr:\n{err}");
             }
-            let line = line.trim_end().to_string();
-            if line == "READY" {
+            // libtest prints `test child_role ... ` before the test's own output on one line.
+            if line.trim_end().ends_with("READY") {
                 break;
             }
-            lines.push(line);
+            if let Some((_, said)) = line.trim_end().split_once(SAY) {
+                lines.push(said.to_string());
+            }
         }
-        Helper { child, stdin, lines }
+        Helper { child, stdin, stdout: out, lines }
     }
 
     /// The helper's pid.
@@ -219,6 +232,7 @@ impl Helper {
     /// Closes its stdin and waits for it to exit normally.
     pub(crate) fn finish(mut self) {
         self.stdin.take();
+        std::io::copy(&mut self.stdout, &mut std::io::sink()).expect("drain helper stdout");
         let status = self.child.wait().expect("wait helper");
         assert!(status.success(), "helper failed: {status}");
     }
@@ -227,6 +241,7 @@ impl Helper {
 impl Drop for Helper {
     fn drop(&mut self) {
         if self.stdin.take().is_some() {
+            let _ = std::io::copy(&mut self.stdout, &mut std::io::sink());
             let _ = self.child.wait();
         }
     }
@@ -238,6 +253,16 @@ pub(crate) fn run_role(role: impl FnOnce(&str)) -> bool {
     let Ok(name) = std::env::var(ROLE) else { return false };
     role(&name);
     true
+}
+
+/// The marker of a line a helper reports to its parent.
+const SAY: &str = "QLOCK-SAYS: ";
+
+/// Reports one line to the parent (collected in [`Helper::lines`]).
+pub(crate) fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{SAY}{line}").expect("print");
+    out.flush().expect("flush");
 }
 
 /// Prints `READY` on the real stdout (not libtest's capture) and blocks until stdin closes.

@@ -10,11 +10,11 @@ mod common;
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Helper, Raw, held_from_outside, image, set};
+use common::{Helper, Raw, held_from_outside, hold, image, paths_env, set};
 use qlock_core::error::ConflictReason;
 use qlock_core::holders::inspect;
 use qlock_core::plan::{Check, Others, decide};
@@ -26,31 +26,10 @@ fn child_role() {
     common::run_role(|role| {
         let paths: Vec<PathBuf> =
             std::env::var("QLOCK_PATHS").unwrap_or_default().lines().map(PathBuf::from).collect();
+        if common::standard_role(role, &paths) {
+            return;
+        }
         match role {
-            // Holds an access on every path with ImageLock (OFD, or POSIX with QLOCK_POSIX).
-            "hold" => {
-                let access: Access = std::env::var("QLOCK_ACCESS").unwrap().parse().unwrap();
-                let posix = std::env::var_os("QLOCK_POSIX").is_some();
-                let opts = LockOptions { force_posix: posix, locking: Locking::On, ..LockOptions::default() };
-                let _guards: Vec<ImageLock> =
-                    paths.iter().map(|p| ImageLock::acquire_with(p, access, &opts).unwrap()).collect();
-                common::ready_and_wait();
-            }
-            // Takes raw read (QLOCK_READ) and write (QLOCK_WRITE) locks, POSIX with QLOCK_POSIX.
-            "raw" => {
-                let posix = std::env::var_os("QLOCK_POSIX").is_some();
-                let read = common::parse_bytes(&std::env::var("QLOCK_READ").unwrap_or_default());
-                let write = common::parse_bytes(&std::env::var("QLOCK_WRITE").unwrap_or_default());
-                let _raw: Vec<Raw> = paths
-                    .iter()
-                    .map(|p| {
-                        let raw = Raw::open_kind(p, posix);
-                        raw.hold(read, write);
-                        raw
-                    })
-                    .collect();
-                common::ready_and_wait();
-            }
             // Runs as an unprivileged user: reports what it sees, one line each.
             "unprivileged" => {
                 let denied = ImageLock::acquire(&paths[0], Access::READ).unwrap_err();
@@ -61,28 +40,9 @@ fn child_role() {
                 common::say(&format!("unidentified: {}", status.unidentified));
                 common::ready_and_wait();
             }
-            // Inspects from outside this process and reports what it saw.
-            "inspect" => {
-                for status in inspect(&paths) {
-                    let status = status.unwrap();
-                    common::say(&format!("held: {}", status.others.held));
-                    for h in status.holders {
-                        common::say(&format!("holder: {} {:?} {}", h.pid, h.kind, h.bytes()));
-                    }
-                }
-                common::ready_and_wait();
-            }
             other => panic!("unknown role {other}"),
         }
     });
-}
-
-fn paths_env(paths: &[&Path]) -> (&'static str, String) {
-    ("QLOCK_PATHS", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n"))
-}
-
-fn hold(paths: &[&Path], access: Access) -> Helper {
-    Helper::start("hold", &[paths_env(paths), ("QLOCK_ACCESS", access.to_string())])
 }
 
 /// Whether this process runs as root (the owner of `/proc/self` is the effective uid).
@@ -320,10 +280,7 @@ fn foreign_locks_are_reported_as_such() {
     drop(raw);
 
     // POSIX read locks on 101 and 201 in another process (V24): seen, and named by pid.
-    let helper = Helper::start(
-        "raw",
-        &[paths_env(&[&path]), ("QLOCK_READ", "101,201".into()), ("QLOCK_POSIX", "1".into())],
-    );
+    let helper = common::hold_raw(&[&path], LockSet::new(Perm::WRITE, Perm::WRITE), LockSet::EMPTY, true);
     let st = inspect(&[&path]).remove(0).unwrap();
     assert_eq!(st.others.held, LockSet::new(Perm::WRITE, Perm::WRITE));
     let [h] = &st.holders[..] else { panic!("{:?}", st.holders) };

@@ -13,7 +13,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
-use qlock_core::{Access, Error, LockSet, Perm, Verdict, error::ConflictReason};
+use qlock_core::holders::inspect;
+use qlock_core::{
+    Access, Error, ImageLock, LockOptions, LockSet, Locking, Perm, Verdict, error::ConflictReason,
+};
 
 /// The eight protocol bytes QEMU >= 7.0 uses, in lock order.
 pub(crate) const BYTES: [u64; 8] = [100, 101, 102, 103, 200, 201, 202, 203];
@@ -287,4 +290,66 @@ pub(crate) fn parse_bytes(list: &str) -> LockSet {
 /// Formats a [`LockSet`] as [`parse_bytes`] reads it.
 pub(crate) fn bytes_list(s: LockSet) -> String {
     s.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// `QLOCK_PATHS` for a helper: one path a line.
+pub(crate) fn paths_env(paths: &[&Path]) -> (&'static str, String) {
+    ("QLOCK_PATHS", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n"))
+}
+
+/// A helper process holding `access` on every path with [`ImageLock`].
+pub(crate) fn hold(paths: &[&Path], access: Access) -> Helper {
+    Helper::start("hold", &[paths_env(paths), ("QLOCK_ACCESS", access.to_string())])
+}
+
+/// A helper process holding raw `read` / `write` locks on every path, POSIX locks if `posix`.
+pub(crate) fn hold_raw(paths: &[&Path], read: LockSet, write: LockSet, posix: bool) -> Helper {
+    let mut env =
+        vec![paths_env(paths), ("QLOCK_READ", bytes_list(read)), ("QLOCK_WRITE", bytes_list(write))];
+    if posix {
+        env.push(("QLOCK_POSIX", "1".into()));
+    }
+    Helper::start("raw", &env)
+}
+
+/// The roles every test binary's `child_role` plays; `false` for a role it does not know.
+pub(crate) fn standard_role(role: &str, paths: &[PathBuf]) -> bool {
+    let posix = std::env::var_os("QLOCK_POSIX").is_some();
+    match role {
+        // Holds QLOCK_ACCESS on every path with ImageLock (OFD, or POSIX with QLOCK_POSIX).
+        "hold" => {
+            let access: Access = std::env::var("QLOCK_ACCESS").unwrap().parse().unwrap();
+            let opts = LockOptions { force_posix: posix, locking: Locking::On, ..LockOptions::default() };
+            let _guards: Vec<ImageLock> =
+                paths.iter().map(|p| ImageLock::acquire_with(p, access, &opts).unwrap()).collect();
+            ready_and_wait();
+        }
+        // Takes raw read (QLOCK_READ) and write (QLOCK_WRITE) locks.
+        "raw" => {
+            let read = parse_bytes(&std::env::var("QLOCK_READ").unwrap_or_default());
+            let write = parse_bytes(&std::env::var("QLOCK_WRITE").unwrap_or_default());
+            let _raw: Vec<Raw> = paths
+                .iter()
+                .map(|p| {
+                    let raw = Raw::open_kind(p, posix);
+                    raw.hold(read, write);
+                    raw
+                })
+                .collect();
+            ready_and_wait();
+        }
+        // Inspects from outside the parent process and reports what it saw.
+        "inspect" => {
+            for status in inspect(paths) {
+                let status = status.unwrap();
+                say(&format!("held: {}", status.others.held));
+                for h in status.holders {
+                    say(&format!("holder: {} {:?} {}", h.pid, h.kind, h.bytes()));
+                }
+            }
+            ready_and_wait();
+        }
+        _ => return false,
+    }
+    true
 }

@@ -31,10 +31,13 @@ impl XorShift {
 
 /// Checks one first acquisition of `wanted` against holders `others` held by `holder`.
 fn check_acquire(path: &std::path::Path, holder: &Raw, others: Others, wanted: Access) {
-    let mut newcomer = ImageLock::open(path, &opts()).expect("open");
-    let result = newcomer.set_access(wanted);
     let expected = decide(others, LockSet::EMPTY, set(wanted));
     let case = || format!("others {:?} wanted {wanted} ({})", others, set(wanted));
+    // `acquire` itself (its guard closes at once), then its two steps, keeping the guard alive
+    // after a failure so that leftover bytes would still be visible.
+    assert_eq!(verdict_of(&ImageLock::acquire_with(path, wanted, &opts()).map(drop)), expected, "{}", case());
+    let mut newcomer = ImageLock::open(path, &opts()).expect("open");
+    let result = newcomer.set_access(wanted);
     assert_eq!(verdict_of(&result), expected, "{}", case());
     if let Err(Error::Conflict(c)) = &result {
         let text = c.to_string();

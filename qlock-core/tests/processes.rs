@@ -60,6 +60,7 @@ fn helper_comm() -> String {
 
 #[test]
 fn a_holder_in_another_process_is_refused_and_named() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let helper = hold(&[&path], Access::WRITE);
 
@@ -93,6 +94,7 @@ fn a_holder_in_another_process_is_refused_and_named() {
 
 #[test]
 fn a_sigkilled_holder_leaves_nothing_and_a_waiter_gets_in() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let mut helper = hold(&[&path], Access::WRITE);
     let pid = helper.pid();
@@ -128,6 +130,7 @@ fn a_sigkilled_holder_leaves_nothing_and_a_waiter_gets_in() {
 
 #[test]
 fn two_guards_in_one_process_see_each_other() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let first = ImageLock::acquire(&path, Access::WRITE).unwrap();
     let err = ImageLock::acquire(&path, Access::WRITE).unwrap_err();
@@ -147,6 +150,7 @@ fn two_guards_in_one_process_see_each_other() {
 
 #[test]
 fn bad_input_gives_typed_errors_not_panics() {
+    let _serial = common::serial();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let missing = d.join("missing.img");
@@ -193,6 +197,7 @@ fn bad_input_gives_typed_errors_not_panics() {
 /// bytes without being able to name it (its fdinfo is unreadable): "holder unknown", no error.
 #[test]
 fn an_unprivileged_user_gets_permission_denied_and_unknown_holders() {
+    let _serial = common::serial();
     if !is_root() {
         eprintln!("SKIPPED: needs root to start a helper as user nobody");
         return;
@@ -217,6 +222,7 @@ fn an_unprivileged_user_gets_permission_denied_and_unknown_holders() {
 
 #[test]
 fn inspect_names_the_holders_of_many_images_in_one_call() {
+    let _serial = common::serial();
     let dir = tempfile::tempdir().unwrap();
     let p: Vec<PathBuf> = (0..4).map(|i| dir.path().join(format!("{i}.img"))).collect();
     p.iter().for_each(|p| fs::write(p, b"").unwrap());
@@ -248,6 +254,7 @@ fn inspect_names_the_holders_of_many_images_in_one_call() {
 
 #[test]
 fn foreign_locks_are_reported_as_such() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let raw = Raw::open(&path);
     // A write lock on a protocol byte: the lock phase fails on it, as QEMU's does (V21).
@@ -293,6 +300,7 @@ fn foreign_locks_are_reported_as_such() {
 
 #[test]
 fn the_posix_fallback_interoperates_with_an_ofd_holder_in_another_process() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let posix = LockOptions { force_posix: true, locking: Locking::On, ..LockOptions::default() };
     let helper = hold(&[&path], Access::WRITE);
@@ -326,6 +334,7 @@ fn the_posix_fallback_interoperates_with_an_ofd_holder_in_another_process() {
 
 #[test]
 fn locking_off_takes_and_tests_nothing() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let holder = Raw::open(&path);
     holder.hold(set(Access::WRITE), LockSet::EMPTY);
@@ -339,6 +348,7 @@ fn locking_off_takes_and_tests_nothing() {
 
 #[test]
 fn legacy_graph_mod_honours_bytes_104_and_204() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let legacy = LockOptions { legacy_graph_mod: true, ..LockOptions::default() };
     let holder = Raw::open(&path);
@@ -375,6 +385,7 @@ fn fd_flags(fd: i32) -> u32 {
 
 #[test]
 fn the_descriptor_is_read_only_and_close_on_exec() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let guard = ImageLock::acquire(&path, Access::WRITE).unwrap();
     let flags = fd_flags(guard.file().as_raw_fd());
@@ -390,6 +401,7 @@ fn the_descriptor_is_read_only_and_close_on_exec() {
 
 #[test]
 fn a_child_spawned_while_a_guard_is_held_does_not_inherit_the_locks() {
+    let _serial = common::serial();
     let (_dir, path) = image();
     let guard = ImageLock::acquire(&path, Access::WRITE).unwrap();
     // `cat` blocks on its stdin until we close it; spawn returns after its exec.

@@ -285,6 +285,7 @@ fn start(front: Front, images: &Images, raw: bool) -> Running {
 /// front end. Covers V1-V5 and V7-V9 with real QEMU on both sides.
 #[test]
 fn qemu_and_qlock_are_interchangeable_as_holders_and_newcomers() {
+    let _serial = common::serial();
     if !qemu_present() {
         return;
     }
@@ -399,6 +400,7 @@ const VECTORS: &[Vector] = &[
 /// installed, QEMU's answer (message and hint) is checked against qlock's too.
 #[test]
 fn spec_vectors_with_external_holders() {
+    let _serial = common::serial();
     let qemu = have("qemu-img") && have("qemu-io");
     let dir = tempfile::tempdir().unwrap();
     let qcow2 = dir.path().join("base.qcow2");
@@ -437,6 +439,7 @@ fn spec_vectors_with_external_holders() {
 /// refused with QEMU's message, and rolled back to exactly its old bytes.
 #[test]
 fn v25_reopen_for_writing_is_refused_and_rolled_back() {
+    let _serial = common::serial();
     let (_dir, path) = common::image();
     let _other = ImageLock::acquire(&path, Access::READ).unwrap();
     let mut me = ImageLock::acquire(&path, Access::READ).unwrap();
@@ -473,6 +476,7 @@ fn v25_reopen_for_writing_is_refused_and_rolled_back() {
 /// V30: with locking off, nothing is taken or tested, even against a QEMU writer.
 #[test]
 fn v30_locking_off_ignores_a_qemu_writer() {
+    let _serial = common::serial();
     if !qemu_present() {
         return;
     }

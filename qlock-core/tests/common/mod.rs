@@ -353,3 +353,14 @@ pub(crate) fn standard_role(role: &str, paths: &[PathBuf]) -> bool {
     }
     true
 }
+
+/// Serialises the tests of one binary that spawn processes and drop guards.
+///
+/// A child that one test thread is spawning shares *every* open file description of the process
+/// from `fork` until its `exec` (spec section 7.4), so a guard another test thread drops in that
+/// window keeps its OFD locks a few microseconds longer, and that test's next step (a fresh
+/// acquire, a probe) sees them. Real programs have the same window; these tests must not.
+pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -323,7 +323,9 @@ impl ImageLock {
             }
             Err(failure) => {
                 unlock_runs(fd, kind, taken, &self.path);
-                Err(failure.into_error(&self.path))
+                // A write lock met in the lock phase is a conflict too: name its holder.
+                let err = failure.into_error(&self.path);
+                Err(if find_holders { self.with_holders(err) } else { err })
             }
         }
     }

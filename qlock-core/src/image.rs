@@ -95,9 +95,16 @@ impl LockOptions {
 
 /// An open image holding QEMU-compatible read locks for an [`Access`].
 ///
-/// Dropping it closes the descriptor, which releases every lock at once; [`ImageLock::release`]
-/// does the same and reports errors. The descriptor is `O_RDONLY | O_CLOEXEC | O_NONBLOCK`
-/// (`O_RDWR` with [`LockOptions::write`]), so the locks never leak into child processes.
+/// Dropping it closes the descriptor, which releases every lock at once (the fast path: no
+/// unlock calls). [`ImageLock::release`] unlocks explicitly, then closes, and reports errors.
+/// The descriptor is `O_RDONLY | O_CLOEXEC | O_NONBLOCK` (`O_RDWR` with [`LockOptions::write`]),
+/// so the locks never leak into child processes.
+///
+/// One window remains, as in QEMU: while another thread of the process is between `fork` and
+/// `exec` (spawning a command), the child shares every open file description, so a lock whose
+/// guard is *dropped* in that moment lives on for those microseconds. [`ImageLock::release`]
+/// unlocks the shared description itself and has no such window: use it when something must
+/// see the image free as soon as the call returns.
 ///
 /// ```
 /// use qlock_core::{Access, ImageLock};

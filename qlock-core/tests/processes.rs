@@ -355,8 +355,12 @@ fn legacy_graph_mod_honours_bytes_104_and_204() {
     holder.read_lock(104, 1);
     // V20: modern QEMU ignores 104/204.
     drop(ImageLock::acquire(&path, Access::WRITE).expect("ignored by default"));
-    // QEMU <= 6.2 semantics: WRITE does not share graph-mod, so someone using it is in the way.
-    let err = ImageLock::acquire_with(&path, Access::WRITE, &legacy).unwrap_err();
+    // Presets share graph-mod, as QEMU's front ends did: legacy mode lets them in as well.
+    drop(ImageLock::acquire_with(&path, Access::WRITE, &legacy).expect("presets share graph-mod"));
+    // QEMU <= 6.2 semantics: an access that does not share graph-mod meets its user.
+    let no_gm = Access::new(Access::WRITE.perm, Access::WRITE.shared - Perm::GRAPH_MOD);
+    drop(ImageLock::acquire(&path, no_gm).expect("ignored by default"));
+    let err = ImageLock::acquire_with(&path, no_gm, &legacy).unwrap_err();
     assert_eq!(err.conflict().unwrap().qemu_message(), "Failed to get shared \"change children\" lock");
 
     holder.unlock_all();
@@ -367,12 +371,12 @@ fn legacy_graph_mod_honours_bytes_104_and_204() {
     assert_eq!(err.conflict().unwrap().qemu_message(), "Failed to get \"change children\" lock");
     holder.unlock_all();
 
-    // A legacy WRITE takes 204 as well (it does not share graph-mod); a default one does not.
-    let guard = ImageLock::acquire_with(&path, Access::WRITE, &legacy).unwrap();
+    // A legacy access that does not share graph-mod takes 204; presets never do.
+    let guard = ImageLock::acquire_with(&path, no_gm, &legacy).unwrap();
     let held = inspect(&[&path]).remove(0).unwrap().others.held;
     assert_eq!(held, LockSet::new(set(Access::WRITE).perm, set(Access::WRITE).unshared | Perm::GRAPH_MOD));
     drop(guard);
-    let _guard = ImageLock::acquire(&path, Access::WRITE).unwrap();
+    let _guard = ImageLock::acquire_with(&path, Access::WRITE, &legacy).unwrap();
     assert_eq!(inspect(&[&path]).remove(0).unwrap().others.held, set(Access::WRITE));
 }
 

@@ -20,6 +20,47 @@
 //! back when the operation's future is dropped; if the descriptor was in the pool at that
 //! moment (non-local filesystems only), the pool closes it and the guard is
 //! [lost](AsyncImageLock::is_lost).
+//!
+//! The async crates name the guard with a type alias rather than a newtype: rustdoc shows the
+//! methods on the alias's page all the same, while a newtype would need a forwarding copy of
+//! every method in every crate, the very duplication this module removes.
+//!
+//! A runtime is a handful of functions on a marker type. This one runs everything inline and
+//! never sleeps, which is only fit for a doc test, but shows the shape:
+//!
+//! ```
+//! use std::time::Duration;
+//! use qlock_core::offload::{AsyncImageLock, Runtime};
+//! use qlock_core::{Access, Error, wake::CloseWatch};
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let path = dir.path().join("disk.img");
+//! # std::fs::write(&path, b"").unwrap();
+//!
+//! enum Inline {}
+//!
+//! impl Runtime for Inline {
+//!     type Hint = ();
+//!     async fn asyncify<T, F>(f: F) -> Result<T, Error>
+//!     where
+//!         F: FnOnce() -> Result<T, Error> + Send + 'static,
+//!         T: Send + 'static,
+//!     {
+//!         f()
+//!     }
+//!     fn drop_in_pool<T: Send + 'static>(value: T) {
+//!         drop(value);
+//!     }
+//!     fn register(_: Option<CloseWatch>) {}
+//!     async fn sleep(_: &(), _: Duration) {}
+//! }
+//!
+//! let acquire = AsyncImageLock::<Inline>::acquire(&path, Access::READ);
+//! // Every future above is ready at its first poll.
+//! let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+//! let std::task::Poll::Ready(guard) = std::pin::pin!(acquire).poll(&mut cx) else { unreachable!() };
+//! assert_eq!(guard?.access(), Access::READ);
+//! # Ok::<(), Error>(())
+//! ```
 
 use std::fmt;
 use std::fs::File;

@@ -1,23 +1,20 @@
 //! Sleeping between attempts: an async-io timer, cut short by an inotify close event.
 
 use std::future::pending;
-use std::path::Path;
 use std::time::Duration;
 
 use async_io::{Async, Timer};
+use qlock_core::offload::Runtime;
 use qlock_core::wake::CloseWatch;
+
+use crate::AsyncStd;
 
 /// An image's [`CloseWatch`] registered with async-io's reactor (the one async-std and smol
 /// share); absent when inotify is unavailable, and the wait then just polls.
-pub(crate) struct Hint(Option<Async<CloseWatch>>);
+pub struct Hint(Option<Async<CloseWatch>>);
 
 impl Hint {
-    /// Watches `path`. Cheap (two syscalls), but a path lookup: call it where lookups may run.
-    pub(crate) fn watch(path: &Path) -> Option<CloseWatch> {
-        CloseWatch::new(path).ok()
-    }
-
-    /// Registers a watch made by [`Hint::watch`] with the reactor.
+    /// Registers a watch with the reactor.
     pub(crate) fn register(watch: Option<CloseWatch>) -> Hint {
         Hint(watch.and_then(|w| Async::new(w).ok()))
     }
@@ -39,7 +36,7 @@ impl Drop for Hint {
     /// here), far too long for an executor thread: the pool closes it.
     fn drop(&mut self) {
         if let Some(watch) = self.0.take().and_then(|fd| fd.into_inner().ok()) {
-            crate::offload::drop_in_pool(watch);
+            AsyncStd::drop_in_pool(watch);
         }
     }
 }

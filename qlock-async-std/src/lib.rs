@@ -75,10 +75,16 @@
 #![forbid(unsafe_code)]
 
 mod hint;
-mod image;
 mod offload;
 mod status;
 
-pub use image::ImageLock;
-pub use offload::in_flight;
+pub use offload::{AsyncStd, in_flight};
 pub use status::inspect;
+
+/// An open image holding QEMU-compatible read locks, for async-std and smol.
+///
+/// The async twin of [`qlock_core::ImageLock`], with the same methods, errors and QEMU
+/// semantics: [`qlock_core::offload::AsyncImageLock`], the guard both async crates share,
+/// running on the `blocking` pool and `async-io`. Dropping it releases every lock without
+/// blocking the executor (see the [crate docs](crate#dropping-a-guard)).
+pub type ImageLock = qlock_core::offload::AsyncImageLock<AsyncStd>;

@@ -24,13 +24,15 @@
 //! Modules, in the order data flows: [`perm`] (bits and bytes), [`access`] (requests and
 //! presets), [`plan`] (the protocol as pure data), [`sys`] (the fcntl calls), [`image`] (the
 //! guard), [`holders`] (inspection), [`wait`] (backoff), [`wake`] (the
-//! inotify hint that ends a wait's sleep early), [`error`].
+//! inotify hint that ends a wait's sleep early), [`offload`] (the async guard, generic over a
+//! runtime), [`error`].
 #![forbid(unsafe_code)]
 
 pub mod access;
 pub mod error;
 pub mod holders;
 pub mod image;
+pub mod offload;
 pub mod perm;
 pub mod plan;
 pub mod sys;

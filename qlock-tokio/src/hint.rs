@@ -2,16 +2,18 @@
 
 use std::future::pending;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use qlock_core::offload::Runtime;
 use qlock_core::wake::CloseWatch;
 use tokio::io::unix::AsyncFd;
 
+use crate::offload::Tokio;
+
 /// An image's [`CloseWatch`] registered with tokio's reactor; absent when inotify or the
 /// reactor is unavailable, and the wait then just polls.
-pub(crate) struct Hint(Option<AsyncFd<Watch>>);
+pub struct Hint(Option<AsyncFd<Watch>>);
 
 /// [`CloseWatch`] owns its descriptor for its whole life, which is what [`AsyncFd`] needs.
 struct Watch(CloseWatch);
@@ -23,15 +25,7 @@ impl AsRawFd for Watch {
 }
 
 impl Hint {
-    /// Watches `path`. Cheap (two syscalls), but a path lookup: call it where lookups may run.
-    pub(crate) fn watch(path: &Path) -> Option<CloseWatch> {
-        if !ENABLED.load(Ordering::Relaxed) {
-            return None;
-        }
-        CloseWatch::new(path).ok()
-    }
-
-    /// Registers a watch made by [`Hint::watch`] with the current runtime's reactor.
+    /// Registers a watch with the current runtime's reactor.
     pub(crate) fn register(watch: Option<CloseWatch>) -> Hint {
         // `AsyncFd::new` is deprecated in favour of an `unsafe` constructor whose contract is that
         // the descriptor stays open and the same while registered: `Watch` owns it and never
@@ -54,11 +48,8 @@ impl Drop for Hint {
     /// Closing an inotify descriptor waits for an SRCU grace period in the kernel (about 10 ms
     /// here), far too long for an executor thread: the pool closes it.
     fn drop(&mut self) {
-        let Some(fd) = self.0.take() else { return };
-        let watch = fd.into_inner();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => drop(rt.spawn_blocking(move || drop(watch))),
-            Err(_) => drop(watch),
+        if let Some(fd) = self.0.take() {
+            Tokio::drop_in_pool(fd.into_inner());
         }
     }
 }
@@ -76,6 +67,11 @@ async fn closed(fd: &AsyncFd<Watch>) {
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Whether waits watch the image for closes (see [`set_close_hint`]).
+pub(crate) fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 /// Turns the inotify hint off (or back on) for the waits that start afterwards, so benchmarks
 /// can measure what it buys. Not for production use.

@@ -72,10 +72,40 @@
 #![forbid(unsafe_code)]
 
 mod hint;
-mod image;
 mod offload;
 mod status;
 
 pub use hint::set_close_hint;
-pub use image::ImageLock;
+pub use offload::Tokio;
 pub use status::inspect;
+
+/// An open image holding QEMU-compatible read locks, for tokio.
+///
+/// The async twin of [`qlock_core::ImageLock`], with the same methods, errors and QEMU
+/// semantics: [`qlock_core::offload::AsyncImageLock`], the guard both async crates share,
+/// running on tokio. Dropping it releases every lock without blocking the executor (see the
+/// [crate docs](crate#dropping-a-guard)).
+pub type ImageLock = qlock_core::offload::AsyncImageLock<Tokio>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlock_core::{Access, Backoff, LockOptions};
+
+    /// Compile-time: `tokio::spawn` accepts every future of the guard (they are `Send`).
+    #[allow(dead_code)]
+    fn futures_spawn(mut guard: ImageLock, owned: ImageLock) {
+        let (opts, backoff) = (LockOptions::default(), Backoff::default());
+        tokio::spawn(ImageLock::acquire("p", Access::READ));
+        tokio::spawn(inspect(["p"]));
+        tokio::spawn(owned.release());
+        tokio::spawn(async move {
+            drop(ImageLock::acquire_with("p", Access::READ, &opts).await?);
+            drop(ImageLock::try_acquire("p", Access::READ, &opts).await?);
+            drop(ImageLock::acquire_wait("p", Access::READ, &opts, &backoff).await?);
+            guard.set_access(Access::READ).await?;
+            guard.try_set_access(Access::READ).await?;
+            guard.wait_for(Access::READ, &backoff).await
+        });
+    }
+}

@@ -1,10 +1,10 @@
 //! Inspection, offloaded: who holds what on many images.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use qlock_core::{Error, ImageStatus};
 
-use crate::offload::asyncify;
+use crate::Tokio;
 
 /// [`qlock_core::inspect`] on the blocking pool: probes each image and names the holders with
 /// one walk over `/proc`, locking nothing.
@@ -27,15 +27,5 @@ use crate::offload::asyncify;
 /// One result per path, in order; a path that cannot be opened or probed fails alone, and a
 /// failed pool task fails them all with [`Error::Io`].
 pub async fn inspect<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> Vec<Result<ImageStatus, Error>> {
-    let paths: Vec<PathBuf> = paths.into_iter().map(|p| p.as_ref().to_path_buf()).collect();
-    let n = paths.len();
-    match asyncify(move || Ok(qlock_core::inspect(&paths))).await {
-        Ok(all) => all,
-        Err(e) => {
-            let msg = e.to_string();
-            (0..n)
-                .map(|_| Err(Error::Io { what: msg.clone(), source: std::io::Error::other("task failed") }))
-                .collect()
-        }
-    }
+    qlock_core::offload::inspect::<Tokio, P>(paths).await
 }

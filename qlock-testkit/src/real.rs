@@ -50,11 +50,13 @@ fn plan(fe: FrontEnd, format: Format, image: &Path, dir: &Path) -> Result<Plan> 
         Plan { program: "qemu-io", args, qmp: false, overlay_of: None }
     };
     let daemon = |export: Option<bool>, driver: &str, file: &str| {
+        // A node with no user opens read-write unless told otherwise, whatever the export says.
+        let ro = if export == Some(false) { ",read-only=on" } else { "" };
         let mut args = vec![
             "--blockdev".to_string(),
-            format!("driver=file,filename={file},node-name=file0"),
+            format!("driver=file,filename={file},node-name=file0{ro}"),
             "--blockdev".into(),
-            format!("driver={driver},file=file0,node-name=fmt0"),
+            format!("driver={driver},file=file0,node-name=fmt0{ro}"),
         ];
         if let Some(writable) = export {
             let sock = qemu_path(&dir.join("nbd.sock"));

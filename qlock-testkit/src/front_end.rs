@@ -130,7 +130,12 @@ impl FrontEnd {
     pub fn access(self, format: Format) -> Option<Access> {
         use FrontEnd::*;
         let qcow2 = match self {
-            QemuIoRw | QemuImgCheckRepair | QemuImgResize | VmDisk | VmDiskShareRw | QemuNbdRw
+            QemuIoRw
+            | QemuImgCheckRepair
+            | QemuImgResize
+            | VmDisk
+            | VmDiskShareRw
+            | QemuNbdRw
             | StorageDaemonBlockdev => Access::WRITE,
             QemuIoReadOnly | QemuImgCheck | QemuImgConvertSource | VmDiskReadonly | BackingFile
             | QemuNbdReadOnly => Access::READ,
@@ -170,8 +175,12 @@ impl FrontEnd {
             QemuImgConvertSourceForceShare => "qemu-img convert -U IMG OUT",
             QemuImgResize => "qemu-img resize IMG SIZE",
             VmDisk => "qemu-system -drive file=IMG,if=none,id=d -device virtio-blk,drive=d",
-            VmDiskShareRw => "qemu-system -drive file=IMG,if=none,id=d -device virtio-blk,drive=d,share-rw=on",
-            VmDiskReadonly => "qemu-system -drive file=IMG,if=none,id=d,readonly=on -device virtio-blk,drive=d",
+            VmDiskShareRw => {
+                "qemu-system -drive file=IMG,if=none,id=d -device virtio-blk,drive=d,share-rw=on"
+            }
+            VmDiskReadonly => {
+                "qemu-system -drive file=IMG,if=none,id=d,readonly=on -device virtio-blk,drive=d"
+            }
             BackingFile => "qemu-system -drive file=OVERLAY (IMG is OVERLAY's backing file)",
             QemuNbdRw => "qemu-nbd IMG",
             QemuNbdReadOnly => "qemu-nbd -r IMG",

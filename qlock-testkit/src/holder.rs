@@ -96,10 +96,9 @@ impl HolderBuilder {
             Held::Access(LockSet::new(perm, unshared), self.kind)
         };
         match &self.want {
-            Want::FrontEnd(fe, format) => fe
-                .access(*format)
-                .map(access)
-                .ok_or(Error::NotApplicable { front_end: *fe, format: *format }),
+            Want::FrontEnd(fe, format) => {
+                fe.access(*format).map(access).ok_or(Error::NotApplicable { front_end: *fe, format: *format })
+            }
             Want::Access(a) => Ok(access(*a)),
             Want::Raw(locks) => {
                 if let Some(bad) = locks.iter().find(|l| !l.is_valid()) {
@@ -161,7 +160,13 @@ impl HolderBuilder {
         fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
         let real = Real::spawn(fe, format, &self.path, self.qemu_bin_dir.as_deref())?;
         let pid = Pid::from_raw(real.pid() as i32);
-        Ok(FakeQemu { path: self.path, pid, status: None, front_end: Some((fe, format)), imp: Imp::Real(real) })
+        Ok(FakeQemu {
+            path: self.path,
+            pid,
+            status: None,
+            front_end: Some((fe, format)),
+            imp: Imp::Real(real),
+        })
     }
 }
 
@@ -352,8 +357,12 @@ impl FakeQemu {
                 if reply.status == Status::Conflict {
                     Err(self.refused(ConflictReason::Check(check), check.byte()))
                 } else {
-                    Err(qlock_core::Error::Lock { path: self.path.clone(), message: check.message(), source: errno() }
-                        .into())
+                    Err(qlock_core::Error::Lock {
+                        path: self.path.clone(),
+                        message: check.message(),
+                        source: errno(),
+                    }
+                    .into())
                 }
             }
         }

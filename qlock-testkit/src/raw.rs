@@ -161,9 +161,8 @@ pub(crate) fn change(old: &Held, new: &Held) -> (Request, Vec<Check>) {
 fn access_change(held: LockSet, wanted: LockSet, kind: HolderKind) -> (Request, Vec<Check>) {
     let p = plan(held, wanted);
     let posix = kind == HolderKind::Posix;
-    let ops = |set: LockSet, cmd| -> Vec<Op> {
-        set.bytes().map(|b| Op { cmd, posix, start: b, len: 1 }).collect()
-    };
+    let ops =
+        |set: LockSet, cmd| -> Vec<Op> { set.bytes().map(|b| Op { cmd, posix, start: b, len: 1 }).collect() };
     let checks: Vec<Check> = p.checks().collect();
     let req = Request {
         exit: false,
@@ -238,16 +237,20 @@ mod tests {
     fn access_changes_follow_qemu() {
         // qemu-io -r reopened read-write (spec V25): lock 101 103, check the whole new request,
         // release nothing; abort releases only what was added.
-        let (req, checks) =
-            change(&Held::Access(set(Access::READ), HolderKind::Ofd), &Held::Access(set(Access::WRITE), HolderKind::Ofd));
+        let (req, checks) = change(
+            &Held::Access(set(Access::READ), HolderKind::Ofd),
+            &Held::Access(set(Access::WRITE), HolderKind::Ofd),
+        );
         assert_eq!(spans(&req.prepare), vec![(Cmd::Read, 101, 1), (Cmd::Read, 103, 1)]);
         assert_eq!(req.check.iter().map(|o| o.start).collect::<Vec<_>>(), vec![200, 201, 203, 101, 103]);
         assert_eq!(checks.len(), 5);
         assert!(req.commit.is_empty());
         assert_eq!(spans(&req.abort), vec![(Cmd::Unlock, 101, 1), (Cmd::Unlock, 103, 1)]);
         // Fast path: going down checks nothing and releases at commit.
-        let (req, _) =
-            change(&Held::Access(set(Access::WRITE), HolderKind::Ofd), &Held::Access(set(Access::READ), HolderKind::Ofd));
+        let (req, _) = change(
+            &Held::Access(set(Access::WRITE), HolderKind::Ofd),
+            &Held::Access(set(Access::READ), HolderKind::Ofd),
+        );
         assert!(req.prepare.is_empty() && req.check.is_empty());
         assert_eq!(spans(&req.commit), vec![(Cmd::Unlock, 101, 1), (Cmd::Unlock, 103, 1)]);
     }
@@ -260,14 +263,18 @@ mod tests {
         assert!(checks.is_empty() && req.check.is_empty());
         assert_eq!(spans(&req.prepare), vec![(Cmd::Write, 100, 4)]);
         // The whole-file lock loses everything but 100-103; the POSIX byte goes entirely.
-        assert_eq!(spans(&req.commit), vec![(Cmd::Unlock, 0, 100), (Cmd::Unlock, 104, 0), (Cmd::Unlock, 5, 1)]);
+        assert_eq!(
+            spans(&req.commit),
+            vec![(Cmd::Unlock, 0, 100), (Cmd::Unlock, 104, 0), (Cmd::Unlock, 5, 1)]
+        );
         // Abort re-takes the old set (turning 100-103 back to read) and drops nothing else.
         assert_eq!(spans(&req.abort), vec![(Cmd::Read, 0, 0), (Cmd::Read, 5, 1)]);
     }
 
     #[test]
     fn switching_to_an_access_checks_the_whole_request() {
-        let (req, checks) = change(&Held::Raw(vec![RawLock::byte(0)]), &Held::Access(set(Access::READ), HolderKind::Ofd));
+        let (req, checks) =
+            change(&Held::Raw(vec![RawLock::byte(0)]), &Held::Access(set(Access::READ), HolderKind::Ofd));
         assert_eq!(spans(&req.prepare), vec![(Cmd::Read, 100, 1), (Cmd::Read, 201, 1), (Cmd::Read, 203, 1)]);
         assert_eq!(checks.iter().map(|c| c.byte()).collect::<Vec<_>>(), vec![200, 101, 103]);
         assert_eq!(spans(&req.commit), vec![(Cmd::Unlock, 0, 1)]);

@@ -97,10 +97,9 @@ fn plan(fe: FrontEnd, format: Format, image: &Path, dir: &Path) -> Result<Plan> 
         StorageDaemonBlockdev => daemon(None, &fmt, &img),
         // A qcow2 overlay blockdev with no user: its backing file gets `100 | 201 203` [emp].
         // On raw that holds nothing, unlike a VM's backing file, so there is no stand-in.
-        BackingFile if format == Format::Qcow2 => Plan {
-            overlay_of: Some(format),
-            ..daemon(None, "qcow2", &qemu_path(&dir.join("overlay.qcow2")))
-        },
+        BackingFile if format == Format::Qcow2 => {
+            Plan { overlay_of: Some(format), ..daemon(None, "qcow2", &qemu_path(&dir.join("overlay.qcow2"))) }
+        }
         BackingFile => {
             return Err(Error::NoRealEquivalent {
                 front_end: fe,
@@ -111,8 +110,13 @@ fn plan(fe: FrontEnd, format: Format, image: &Path, dir: &Path) -> Result<Plan> 
         VmDisk => vm(false, false),
         VmDiskShareRw => vm(false, true),
         VmDiskReadonly => vm(true, false),
-        QemuImgInfo | QemuImgInfoForceShare | QemuImgCheck | QemuImgCheckRepair | QemuImgConvertSource
-        | QemuImgConvertSourceForceShare | QemuImgResize => return Err(Error::NotAHolder(fe)),
+        QemuImgInfo
+        | QemuImgInfoForceShare
+        | QemuImgCheck
+        | QemuImgCheckRepair
+        | QemuImgConvertSource
+        | QemuImgConvertSourceForceShare
+        | QemuImgResize => return Err(Error::NotAHolder(fe)),
     })
 }
 
@@ -132,7 +136,8 @@ pub(crate) fn find_program(program: &str, dir: Option<&Path>) -> Result<PathBuf>
 impl Real {
     /// Starts `fe` on `image` and returns once QEMU holds its locks.
     pub(crate) fn spawn(fe: FrontEnd, format: Format, image: &Path, bin_dir: Option<&Path>) -> Result<Real> {
-        let dir = tempfile::Builder::new().prefix("qlock-testkit-").tempdir().map_err(Error::io("temp dir"))?;
+        let dir =
+            tempfile::Builder::new().prefix("qlock-testkit-").tempdir().map_err(Error::io("temp dir"))?;
         let plan = plan(fe, format, image, dir.path())?;
         let program = find_program(plan.program, bin_dir)?;
         if let Some(backing_format) = plan.overlay_of {

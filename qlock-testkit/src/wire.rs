@@ -126,7 +126,12 @@ pub(crate) fn decode(buf: &[u8; REQUEST_SIZE]) -> Option<Decoded> {
             3 => Cmd::Test,
             _ => return None,
         };
-        let op = Op { cmd, posix: *buf.get(at + 1)? != 0, start: get_u64(buf, at + 8)?, len: get_u64(buf, at + 16)? };
+        let op = Op {
+            cmd,
+            posix: *buf.get(at + 1)? != 0,
+            start: get_u64(buf, at + 8)?,
+            len: get_u64(buf, at + 16)?,
+        };
         *d.ops.get_mut(n)? = op;
     }
     Some(d)

@@ -32,7 +32,8 @@ fn release_exits_cleanly(vm_on_qcow2: HeldImage) {
 #[rstest]
 fn wait_reports_a_holder_killed_by_someone_else(qcow2_image: TempImage) {
     let mut h = FakeQemu::builder(&qcow2_image).access(Access::READ).spawn().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.pid() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(h.pid() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
     assert_eq!(h.wait().unwrap().signal(), Some(15));
     let err = h.set_access(Access::WRITE).unwrap_err();
     assert!(matches!(err, Error::Gone { .. }), "{err}");
@@ -40,7 +41,8 @@ fn wait_reports_a_holder_killed_by_someone_else(qcow2_image: TempImage) {
 
 #[rstest]
 fn a_second_vm_is_refused_like_qemu_and_names_the_first(vm_on_qcow2: HeldImage) {
-    let err = FakeQemu::builder(&vm_on_qcow2.image).front_end(FrontEnd::VmDisk, Format::Qcow2).spawn().unwrap_err();
+    let err =
+        FakeQemu::builder(&vm_on_qcow2.image).front_end(FrontEnd::VmDisk, Format::Qcow2).spawn().unwrap_err();
     assert_eq!(err.qemu_message().as_deref(), Some("Failed to get \"write\" lock"));
     let text = err.to_string();
     assert!(text.contains("Is another process using the image"), "{text}");
@@ -52,7 +54,8 @@ fn a_second_vm_is_refused_like_qemu_and_names_the_first(vm_on_qcow2: HeldImage) 
 #[rstest]
 fn set_access_uses_qemu_change_semantics(qcow2_image: TempImage) {
     // Spec V25: a `qemu-io -r` opener reopened read-write while someone holds 201.
-    let mut reader = FakeQemu::builder(&qcow2_image).front_end(FrontEnd::QemuIoReadOnly, Format::Qcow2).spawn().unwrap();
+    let mut reader =
+        FakeQemu::builder(&qcow2_image).front_end(FrontEnd::QemuIoReadOnly, Format::Qcow2).spawn().unwrap();
     let other = FakeQemu::builder(&qcow2_image).access(Access::READ).spawn().unwrap();
     let err = reader.set_access(Access::WRITE).unwrap_err();
     assert_eq!(err.qemu_message().as_deref(), Some("Failed to get \"write\" lock"));
@@ -74,7 +77,10 @@ fn a_write_lock_blocks_the_lock_phase(raw_image: TempImage) {
     // A raw set is not checked, but a conflicting raw lock still fails with the errno.
     let err = FakeQemu::builder(&raw_image).raw([RawLock::WHOLE_FILE]).spawn().unwrap_err();
     assert!(matches!(err, Error::RawLock { .. }), "{err}");
-    assert!(err.to_string().starts_with("Failed to lock read 0-EOF (OFD): Resource temporarily unavailable"), "{err}");
+    assert!(
+        err.to_string().starts_with("Failed to lock read 0-EOF (OFD): Resource temporarily unavailable"),
+        "{err}"
+    );
 }
 
 #[rstest]

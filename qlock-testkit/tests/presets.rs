@@ -51,7 +51,11 @@ fn raw_sets_hold_any_range_kind_and_type() {
         // libvirt's lease: an exclusive POSIX lock on byte 0.
         (vec![RawLock::byte(0).exclusive().posix()], LockKind::Posix, vec![range(0, Some(0), true)]),
         // QEMU <= 6.2's graph-mod bytes.
-        (RawLock::LEGACY_GRAPH_MOD.to_vec(), LockKind::Ofd, vec![range(104, Some(104), false), range(204, Some(204), false)]),
+        (
+            RawLock::LEGACY_GRAPH_MOD.to_vec(),
+            LockKind::Ofd,
+            vec![range(104, Some(104), false), range(204, Some(204), false)],
+        ),
         // A whole-file read lock, and a whole-file write lock as other VMMs take.
         (vec![RawLock::WHOLE_FILE], LockKind::Ofd, vec![range(0, None, false)]),
         (vec![RawLock::WHOLE_FILE.exclusive()], LockKind::Ofd, vec![range(0, None, true)]),
@@ -61,7 +65,8 @@ fn raw_sets_hold_any_range_kind_and_type() {
     for (locks, kind, want) in cases {
         let holder = FakeQemu::builder(&image).raw(locks.clone()).spawn().unwrap();
         let s = status(&image);
-        let h = s.holders.iter().find(|h| h.pid == holder.pid()).unwrap_or_else(|| panic!("{locks:?}: {s:?}"));
+        let h =
+            s.holders.iter().find(|h| h.pid == holder.pid()).unwrap_or_else(|| panic!("{locks:?}: {s:?}"));
         let mut got = h.ranges.clone();
         got.sort_by_key(|r| r.start);
         assert_eq!((h.kind, got), (kind, want), "{locks:?}");
@@ -72,7 +77,8 @@ fn raw_sets_hold_any_range_kind_and_type() {
 #[test]
 fn posix_front_ends_take_the_same_bytes_with_posix_locks() {
     let image = TempImage::new(Format::Qcow2).unwrap();
-    let holder = FakeQemu::builder(&image).front_end(FrontEnd::QemuIoRw, Format::Qcow2).posix().spawn().unwrap();
+    let holder =
+        FakeQemu::builder(&image).front_end(FrontEnd::QemuIoRw, Format::Qcow2).posix().spawn().unwrap();
     let s = status(&image);
     assert_eq!(s.others.held.to_string(), "100 101 103 | 201 203");
     assert_eq!((s.holders[0].pid, s.holders[0].kind), (holder.pid(), LockKind::Posix));

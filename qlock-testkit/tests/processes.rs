@@ -32,7 +32,9 @@ fn two_hundred_holders_start_and_stop_cleanly() {
     let image = TempImage::new(Format::Raw).unwrap();
     let before = children();
     let holders: Vec<FakeQemu> = (0..200)
-        .map(|_| FakeQemu::builder(&image).front_end(FrontEnd::QemuIoForceShare, Format::Raw).spawn().unwrap())
+        .map(|_| {
+            FakeQemu::builder(&image).front_end(FrontEnd::QemuIoForceShare, Format::Raw).spawn().unwrap()
+        })
         .collect();
     let pids: HashSet<u32> = holders.iter().map(FakeQemu::pid).collect();
     assert_eq!(pids.len(), 200);
@@ -41,7 +43,10 @@ fn two_hundred_holders_start_and_stop_cleanly() {
     let seen: HashSet<u32> = s.holders.iter().map(|h| h.pid).collect();
     assert_eq!(seen, pids, "every holder holds byte 100, seen in its own fdinfo");
     // A writer that refuses to share consistent read... is refused by all of them.
-    assert!(ImageLock::acquire(&image, Access::new(qlock_core::Perm::empty(), qlock_core::Perm::empty())).is_err());
+    assert!(
+        ImageLock::acquire(&image, Access::new(qlock_core::Perm::empty(), qlock_core::Perm::empty()))
+            .is_err()
+    );
     drop(holders);
     assert_eq!(children(), before, "no zombie or stray process left");
     assert_eq!(qlock_core::inspect(&[image.path()]).remove(0).unwrap().others.held.to_string(), "- | -");

@@ -39,7 +39,8 @@ fn run(cmd: &[&str], format: Format, image: &Path) -> Option<String> {
     if out.status.success() && !stderr.contains("Failed to") {
         return None;
     }
-    let line = stderr.lines().find(|l| l.contains("Failed to")).unwrap_or_else(|| panic!("{cmd:?}: {stderr}"));
+    let line =
+        stderr.lines().find(|l| l.contains("Failed to")).unwrap_or_else(|| panic!("{cmd:?}: {stderr}"));
     Some(line[line.find("Failed to").unwrap()..].to_string())
 }
 
@@ -93,7 +94,9 @@ fn real_qemu_reacts_to_fakes_as_to_the_real_front_end(#[values(Format::Qcow2, Fo
 }
 
 #[rstest]
-fn real_holders_hold_the_table_bytes_behind_the_same_handle(#[values(Format::Qcow2, Format::Raw)] format: Format) {
+fn real_holders_hold_the_table_bytes_behind_the_same_handle(
+    #[values(Format::Qcow2, Format::Raw)] format: Format,
+) {
     if !have_qemu() {
         return;
     }
@@ -141,7 +144,11 @@ fn fake_and_real_refusals_read_the_same() {
 fn missing_qemu_is_a_clear_skip() {
     let image = TempImage::new(Format::Raw).unwrap();
     let empty = tempfile::tempdir().unwrap();
-    let err = FakeQemu::builder(&image).front_end(FrontEnd::QemuIoRw, Format::Raw).qemu_bin_dir(empty.path()).spawn_real().unwrap_err();
+    let err = FakeQemu::builder(&image)
+        .front_end(FrontEnd::QemuIoRw, Format::Raw)
+        .qemu_bin_dir(empty.path())
+        .spawn_real()
+        .unwrap_err();
     assert!(err.is_skip(), "{err}");
     assert!(err.to_string().contains("qemu-io not found in"), "{err}");
     let err = FakeQemu::real(&image, FrontEnd::QemuImgInfo, Format::Raw).unwrap_err();

@@ -1,0 +1,465 @@
+//! [`FakeQemu`]: a live process holding an image's locks, and its [`HolderBuilder`].
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::resource::{Resource, getrlimit};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+use qlock_core::error::{Conflict, ConflictReason};
+use qlock_core::plan::Check;
+use qlock_core::{Access, LockSet, Perm};
+
+use crate::error::{Error, Result};
+use crate::fork::{ChildSetup, fork_holder};
+use crate::front_end::{Format, FrontEnd};
+use crate::raw::{Held, HolderKind, RawLock, change};
+use crate::real::Real;
+use crate::wire::{Cmd, REPLY_SIZE, Reply, Request, Status};
+
+/// How long a holder may take to answer before it is declared hung. Answers take
+/// microseconds; this only turns a stopped holder into an error instead of a hung test.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a builder was asked to hold.
+#[derive(Debug, Clone)]
+enum Want {
+    FrontEnd(FrontEnd, Format),
+    Access(Access),
+    Raw(Vec<RawLock>),
+}
+
+/// Configures a holder; made by [`FakeQemu::builder`].
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until spawn() or spawn_real()"]
+pub struct HolderBuilder {
+    path: PathBuf,
+    want: Want,
+    writable: bool,
+    kind: HolderKind,
+    qemu_bin_dir: Option<PathBuf>,
+}
+
+impl HolderBuilder {
+    /// Hold what `front_end` holds on a `format` image (spec section 5), taken like QEMU:
+    /// lock, then check for conflicting holders, and fail with QEMU's message.
+    pub fn front_end(mut self, front_end: FrontEnd, format: Format) -> Self {
+        self.want = Want::FrontEnd(front_end, format);
+        self
+    }
+
+    /// Hold the bytes of any [`Access`], taken like QEMU (lock, then check).
+    pub fn access(mut self, access: Access) -> Self {
+        self.want = Want::Access(access);
+        self
+    }
+
+    /// Hold exactly these locks, in this order, without any protocol check: for foreign
+    /// holders (libvirt's byte 0, whole-file locks, write locks, the legacy bytes 104/204).
+    pub fn raw(mut self, locks: impl IntoIterator<Item = RawLock>) -> Self {
+        self.want = Want::Raw(locks.into_iter().collect());
+        self
+    }
+
+    /// Open the image read-write, which the kernel requires for write locks. On by itself when
+    /// the initial raw set has a write lock; turn it on to add write locks later.
+    pub fn writable(mut self, writable: bool) -> Self {
+        self.writable = writable;
+        self
+    }
+
+    /// Take a front end's or access's bytes with POSIX locks, as QEMU does without OFD.
+    pub fn posix(mut self) -> Self {
+        self.kind = HolderKind::Posix;
+        self
+    }
+
+    /// Where [`spawn_real`](Self::spawn_real) finds the QEMU binaries (default: `PATH`), for
+    /// a QEMU unpacked somewhere else.
+    pub fn qemu_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.qemu_bin_dir = Some(dir.into());
+        self
+    }
+
+    fn target(&self) -> Result<Held> {
+        let access = |a: Access| {
+            let (perm, unshared) = a.within(Perm::ALL);
+            Held::Access(LockSet::new(perm, unshared), self.kind)
+        };
+        match &self.want {
+            Want::FrontEnd(fe, format) => {
+                fe.access(*format).map(access).ok_or(Error::NotApplicable { front_end: *fe, format: *format })
+            }
+            Want::Access(a) => Ok(access(*a)),
+            Want::Raw(locks) => {
+                if let Some(bad) = locks.iter().find(|l| !l.is_valid()) {
+                    return Err(Error::Invalid(format!("{bad} is beyond the largest file offset")));
+                }
+                Ok(Held::Raw(locks.clone()))
+            }
+        }
+    }
+
+    /// Forks a fake holder and returns once it holds its locks.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] with QEMU's message when other holders are in the way of a front end
+    /// or access; [`Error::RawLock`] when a raw lock conflicts; [`Error::Open`] when the image
+    /// cannot be opened. The child has exited and been reaped by then.
+    pub fn spawn(self) -> Result<FakeQemu> {
+        let target = self.target()?;
+        let writable = self.writable || matches!(&target, Held::Raw(l) if l.iter().any(|l| l.write));
+        let (request, checks) = change(&Held::NOTHING, &target);
+        let first = request.encode().ok_or_else(too_many)?;
+        let path_c = CString::new(self.path.as_os_str().as_bytes())
+            .map_err(|_| Error::Invalid("the image path contains a NUL byte".into()))?;
+        let (sock, child_sock) = UnixStream::pair().map_err(Error::io("socketpair"))?;
+        sock.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(Error::io("socket timeout"))?;
+        let fd_limit = getrlimit(Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| i32::try_from(soft).unwrap_or(i32::MAX))
+            .unwrap_or(1 << 20);
+        let setup =
+            ChildSetup { sock: child_sock.as_raw_fd(), path: &path_c, writable, first: &first, fd_limit };
+        let pid = fork_holder(&setup).map_err(|e| Error::io("fork")(e.into()))?;
+        drop(child_sock);
+        let mut holder = FakeQemu {
+            path: self.path,
+            pid,
+            status: None,
+            front_end: match self.want {
+                Want::FrontEnd(fe, format) => Some((fe, format)),
+                _ => None,
+            },
+            imp: Imp::Fake { sock, held: Held::NOTHING, writable },
+        };
+        // On failure the handle is dropped here, which kills and reaps the child.
+        holder.finish(&request, &checks, target)?;
+        Ok(holder)
+    }
+
+    /// Starts the real QEMU front end instead of a fake, behind the same handle.
+    ///
+    /// # Errors
+    /// An error whose [`Error::is_skip`] is true when the binary is missing (looked up in
+    /// [`qemu_bin_dir`](Self::qemu_bin_dir) or on `PATH`) or when the front end cannot be a
+    /// long-lived holder (`qemu-img` subcommands); [`Error::Qemu`] with QEMU's stderr when it
+    /// refuses to open the image.
+    pub fn spawn_real(self) -> Result<FakeQemu> {
+        let Want::FrontEnd(fe, format) = self.want else {
+            return Err(Error::Unsupported("a raw lock set or bare access"));
+        };
+        fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
+        let real = Real::spawn(fe, format, &self.path, self.qemu_bin_dir.as_deref())?;
+        let pid = Pid::from_raw(real.pid() as i32);
+        Ok(FakeQemu {
+            path: self.path,
+            pid,
+            status: None,
+            front_end: Some((fe, format)),
+            imp: Imp::Real(real),
+        })
+    }
+}
+
+fn too_many() -> Error {
+    Error::Invalid(format!("lock set too large: at most {} fcntl steps per change", crate::wire::MAX_OPS))
+}
+
+#[derive(Debug)]
+enum Imp {
+    Fake { sock: UnixStream, held: Held, writable: bool },
+    Real(Real),
+}
+
+/// A process holding locks on an image: a forked fake, or a real QEMU.
+///
+/// Dropping it kills and reaps the process, so a failing or panicking test leaves neither a
+/// zombie nor a lock behind.
+///
+/// ```
+/// use qlock_core::{Access, ImageLock};
+/// use qlock_testkit::{FakeQemu, Format, FrontEnd};
+/// # let dir = tempfile::tempdir().unwrap();
+/// # let path = dir.path().join("disk.qcow2");
+/// # std::fs::write(&path, b"").unwrap();
+///
+/// let mut vm = FakeQemu::builder(&path).front_end(FrontEnd::VmDisk, Format::Qcow2).spawn()?;
+/// let err = ImageLock::acquire(&path, Access::READ).unwrap_err();
+/// assert!(err.to_string().starts_with("Failed to get shared \"write\" lock"));
+///
+/// vm.set_access(Access::READ)?;             // the VM now only reads
+/// ImageLock::acquire(&path, Access::READ)?; // so a reader gets in
+/// vm.kill()?;                               // crash it: the kernel drops its locks
+/// ImageLock::acquire(&path, Access::WRITE)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug)]
+pub struct FakeQemu {
+    path: PathBuf,
+    pid: Pid,
+    status: Option<ExitStatus>,
+    front_end: Option<(FrontEnd, Format)>,
+    imp: Imp,
+}
+
+impl FakeQemu {
+    /// Starts configuring a holder of `path`. With nothing more it holds no lock at all.
+    pub fn builder(path: impl AsRef<Path>) -> HolderBuilder {
+        HolderBuilder {
+            path: path.as_ref().to_path_buf(),
+            want: Want::Raw(Vec::new()),
+            writable: false,
+            kind: HolderKind::Ofd,
+            qemu_bin_dir: None,
+        }
+    }
+
+    /// Starts the real QEMU `front_end` on `path` (from `PATH`); see
+    /// [`HolderBuilder::spawn_real`] and [`Error::is_skip`].
+    pub fn real(path: impl AsRef<Path>, front_end: FrontEnd, format: Format) -> Result<FakeQemu> {
+        FakeQemu::builder(path).front_end(front_end, format).spawn_real()
+    }
+
+    /// The holder's process id, as other tools (and qlock's conflict messages) show it.
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw() as u32
+    }
+
+    /// The image held.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True for a real QEMU process, false for a fake.
+    pub fn is_real(&self) -> bool {
+        matches!(self.imp, Imp::Real(_))
+    }
+
+    /// The front end and format this holder was built from, if any.
+    pub fn front_end(&self) -> Option<(FrontEnd, Format)> {
+        self.front_end
+    }
+
+    /// The locks a fake holds now, as it took them; `None` for a real QEMU.
+    pub fn locks(&self) -> Option<Vec<RawLock>> {
+        match &self.imp {
+            Imp::Fake { held: Held::Access(set, kind), .. } => Some(RawLock::from_lock_set(*set, *kind)),
+            Imp::Fake { held: Held::Raw(locks), .. } => Some(locks.clone()),
+            Imp::Real(_) => None,
+        }
+    }
+
+    /// Changes to the bytes of `access` with QEMU's semantics (spec section 3): lock the union,
+    /// check only the new request, then release old-only bytes; on a conflict keep the old set.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] with QEMU's message on a conflict; [`Error::Unsupported`] on a real
+    /// QEMU; [`Error::Gone`] when the holder died.
+    pub fn set_access(&mut self, access: Access) -> Result<()> {
+        let kind = match &self.imp {
+            Imp::Fake { held: Held::Access(_, kind), .. } => *kind,
+            Imp::Fake { .. } => HolderKind::Ofd,
+            Imp::Real(_) => return Err(Error::Unsupported("set_access")),
+        };
+        let (perm, unshared) = access.within(Perm::ALL);
+        self.change_to(Held::Access(LockSet::new(perm, unshared), kind))
+    }
+
+    /// Changes to exactly `locks`: takes them all first, then releases what only the old set
+    /// covered; on failure restores the old set.
+    ///
+    /// # Errors
+    /// [`Error::RawLock`] when a lock cannot be taken (a write lock needs
+    /// [`HolderBuilder::writable`]); [`Error::Unsupported`] on a real QEMU.
+    pub fn set_raw(&mut self, locks: &[RawLock]) -> Result<()> {
+        if let Some(bad) = locks.iter().find(|l| !l.is_valid()) {
+            return Err(Error::Invalid(format!("{bad} is beyond the largest file offset")));
+        }
+        let first_write = locks.iter().find(|l| l.write);
+        match (&self.imp, first_write) {
+            (Imp::Real(_), _) => Err(Error::Unsupported("set_raw")),
+            (Imp::Fake { writable: false, .. }, Some(lock)) => {
+                // The kernel would say EBADF; say it before sending anything.
+                Err(Error::RawLock { lock: *lock, source: io::Error::from_raw_os_error(Errno::EBADF as i32) })
+            }
+            (Imp::Fake { .. }, _) => self.change_to(Held::Raw(locks.to_vec())),
+        }
+    }
+
+    fn change_to(&mut self, target: Held) -> Result<()> {
+        let Imp::Fake { sock, held, .. } = &mut self.imp else {
+            return Err(Error::Unsupported("changing locks"));
+        };
+        let (request, checks) = change(held, &target);
+        let bytes = request.encode().ok_or_else(too_many)?;
+        if sock.write_all(&bytes).is_err() {
+            return Err(self.gone());
+        }
+        self.finish(&request, &checks, target)
+    }
+
+    /// Reads the answer to `request` and records `target` as held on success.
+    fn finish(&mut self, request: &Request, checks: &[Check], target: Held) -> Result<()> {
+        let read = {
+            let Imp::Fake { sock, .. } = &mut self.imp else {
+                return Err(Error::Unsupported("changing locks"));
+            };
+            let mut buf = [0u8; REPLY_SIZE];
+            sock.read_exact(&mut buf).map(|()| Reply::decode(&buf))
+        };
+        let reply = match read {
+            Ok(reply) => reply,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(self.gone()),
+            Err(e) => return Err(Error::Io { what: "holder did not answer", source: e }),
+        };
+        let Some(reply) = reply else { return Err(Error::Invalid("unreadable answer from holder".into())) };
+        let access_kind = matches!(target, Held::Access(..));
+        let errno = || io::Error::from_raw_os_error(reply.errno);
+        let index = reply.index as usize;
+        match reply.status {
+            Status::Done => {
+                if let Imp::Fake { held, .. } = &mut self.imp {
+                    *held = target;
+                }
+                Ok(())
+            }
+            Status::OpenFailed => Err(Error::Open { path: self.path.clone(), source: errno() }),
+            Status::BadRequest => Err(Error::Invalid("the holder could not decode a request".into())),
+            Status::LockFailed => {
+                let op = request.prepare.get(index).copied().ok_or_else(|| self.gone())?;
+                let busy = matches!(Errno::from_raw(reply.errno), Errno::EAGAIN | Errno::EACCES);
+                if access_kind && busy {
+                    Err(self.refused(ConflictReason::WriteLocked(op.start), op.start))
+                } else if access_kind {
+                    Err(qlock_core::Error::Lock {
+                        path: self.path.clone(),
+                        message: format!("Failed to lock byte {}", op.start),
+                        source: errno(),
+                    }
+                    .into())
+                } else {
+                    let kind = if op.posix { HolderKind::Posix } else { HolderKind::Ofd };
+                    let lock = RawLock { start: op.start, len: op.len, write: op.cmd == Cmd::Write, kind };
+                    Err(Error::RawLock { lock, source: errno() })
+                }
+            }
+            Status::Conflict | Status::CheckFailed => {
+                let check = checks.get(index).copied().ok_or_else(|| self.gone())?;
+                if reply.status == Status::Conflict {
+                    Err(self.refused(ConflictReason::Check(check), check.byte()))
+                } else {
+                    Err(qlock_core::Error::Lock {
+                        path: self.path.clone(),
+                        message: check.message(),
+                        source: errno(),
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// QEMU's refusal, naming the other processes that hold `byte`.
+    fn refused(&self, reason: ConflictReason, byte: u64) -> Error {
+        let holders = qlock_core::inspect(&[&self.path])
+            .pop()
+            .and_then(|r| r.ok())
+            .map(|s| s.holders.into_iter().filter(|h| h.pid != self.pid() && h.covers(byte)).collect())
+            .unwrap_or_default();
+        let conflict = Conflict { path: self.path.clone(), reason, holders };
+        qlock_core::Error::Conflict(Box::new(conflict)).into()
+    }
+
+    /// The holder stopped answering: reap it and say how it ended.
+    fn gone(&mut self) -> Error {
+        let status = self.wait().ok();
+        Error::Gone { pid: self.pid(), status }
+    }
+
+    /// Ends the holder gracefully (a fake exits, a real QEMU is told to `quit`) and reaps it;
+    /// its locks are gone when this returns.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the process cannot be reaped.
+    pub fn release(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        match &mut self.imp {
+            Imp::Fake { sock, .. } => {
+                let exit = Request::exit().encode().ok_or_else(too_many)?;
+                // A holder that already died closed its end; wait() reports how it ended.
+                let _ = sock.write_all(&exit);
+                self.wait()
+            }
+            Imp::Real(real) => {
+                let status = real.release()?;
+                self.status = Some(status);
+                Ok(status)
+            }
+        }
+    }
+
+    /// Crashes the holder with `SIGKILL`, as a VM killed by the OOM killer, and reaps it; its
+    /// locks are gone when this returns.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the process cannot be reaped.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        match &mut self.imp {
+            Imp::Fake { .. } => {
+                // ESRCH cannot happen before the reap below; anything else shows in wait().
+                let _ = kill(self.pid, Signal::SIGKILL);
+                self.wait()
+            }
+            Imp::Real(real) => {
+                let status = real.kill()?;
+                self.status = Some(status);
+                Ok(status)
+            }
+        }
+    }
+
+    /// Waits until the holder exits (after a [`release`](Self::release), or when something
+    /// else killed it) and reaps it. Returns at once if it was already reaped.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when `waitpid` fails.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        let status = match &mut self.imp {
+            Imp::Real(real) => real.wait()?,
+            Imp::Fake { .. } => loop {
+                match waitpid(self.pid, None) {
+                    Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw(code << 8),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
+                    Ok(_) | Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(Error::Io { what: "waitpid", source: e.into() }),
+                }
+            },
+        };
+        self.status = Some(status);
+        Ok(status)
+    }
+}
+
+impl Drop for FakeQemu {
+    fn drop(&mut self) {
+        // Errors cannot be reported from drop; kill() only fails if reaping fails.
+        let _ = self.kill();
+    }
+}

@@ -1,0 +1,227 @@
+//! Real QEMU processes as holders: `qemu-io`, `qemu-storage-daemon`, `qemu-system-x86_64`.
+//!
+//! Readiness is QEMU's own output, never a sleep: `qemu-io` prints its `qemu-io> ` prompt once
+//! the image is open (also when stdin is a pipe), and the daemons print their QMP greeting once
+//! every option before the monitor has been processed, so the monitor is always the last
+//! option. When QEMU fails instead, it exits and its stderr becomes the error.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+
+use tempfile::TempDir;
+
+use crate::error::{Error, Result};
+use crate::fork::die_with_parent;
+use crate::front_end::{Format, FrontEnd};
+
+/// A running QEMU process that holds an image's locks.
+#[derive(Debug)]
+pub(crate) struct Real {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// Kept open so QEMU never writes into a closed pipe.
+    _stdout: ChildStdout,
+    qmp: bool,
+    /// Sockets and overlays live here until the process is gone.
+    _dir: TempDir,
+}
+
+/// How to run a front end for real.
+struct Plan {
+    program: &'static str,
+    args: Vec<String>,
+    qmp: bool,
+    overlay_of: Option<Format>,
+}
+
+fn qemu_path(p: &Path) -> String {
+    // QEMU's option parser takes ",," for a literal comma.
+    p.display().to_string().replace(',', ",,")
+}
+
+fn plan(fe: FrontEnd, format: Format, image: &Path, dir: &Path) -> Result<Plan> {
+    use FrontEnd::*;
+    let img = qemu_path(image);
+    let fmt = format.as_str().to_string();
+    let io = |extra: &[&str]| {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend(["-f".into(), fmt.clone(), image.display().to_string()]);
+        Plan { program: "qemu-io", args, qmp: false, overlay_of: None }
+    };
+    let daemon = |export: Option<bool>, driver: &str, file: &str| {
+        // A node with no user opens read-write unless told otherwise, whatever the export says.
+        let ro = if export == Some(false) { ",read-only=on" } else { "" };
+        let mut args = vec![
+            "--blockdev".to_string(),
+            format!("driver=file,filename={file},node-name=file0{ro}"),
+            "--blockdev".into(),
+            format!("driver={driver},file=file0,node-name=fmt0{ro}"),
+        ];
+        if let Some(writable) = export {
+            let sock = qemu_path(&dir.join("nbd.sock"));
+            args.extend([
+                "--nbd-server".into(),
+                format!("addr.type=unix,addr.path={sock}"),
+                "--export".into(),
+                format!("type=nbd,id=exp0,node-name=fmt0,writable={}", if writable { "on" } else { "off" }),
+            ]);
+        }
+        Plan { program: "qemu-storage-daemon", args, qmp: true, overlay_of: None }
+    };
+    let vm = |readonly: bool, share_rw: bool| {
+        let ro = if readonly { ",readonly=on" } else { "" };
+        let share = if share_rw { ",share-rw=on" } else { "" };
+        let args = vec![
+            "-M".into(),
+            "q35".into(),
+            "-accel".into(),
+            "tcg".into(),
+            "-S".into(),
+            "-nodefaults".into(),
+            "-display".into(),
+            "none".into(),
+            "-drive".into(),
+            format!("file={img},format={fmt},if=none,id=drive0{ro}"),
+            "-device".into(),
+            format!("virtio-blk-pci,drive=drive0{share}"),
+        ];
+        Plan { program: "qemu-system-x86_64", args, qmp: true, overlay_of: None }
+    };
+    Ok(match fe {
+        QemuIoRw => io(&[]),
+        QemuIoReadOnly => io(&["-r"]),
+        QemuIoForceShare => io(&["-r", "-U"]),
+        QemuNbdRw => daemon(Some(true), &fmt, &img),
+        QemuNbdReadOnly => daemon(Some(false), &fmt, &img),
+        StorageDaemonBlockdev => daemon(None, &fmt, &img),
+        // A qcow2 overlay blockdev with no user: its backing file gets `100 | 201 203` [emp].
+        // On raw that holds nothing, unlike a VM's backing file, so there is no stand-in.
+        BackingFile if format == Format::Qcow2 => {
+            Plan { overlay_of: Some(format), ..daemon(None, "qcow2", &qemu_path(&dir.join("overlay.qcow2"))) }
+        }
+        BackingFile => {
+            return Err(Error::NoRealEquivalent {
+                front_end: fe,
+                format,
+                why: "a qemu-storage-daemon overlay leaves a raw backing file unlocked",
+            });
+        }
+        VmDisk => vm(false, false),
+        VmDiskShareRw => vm(false, true),
+        VmDiskReadonly => vm(true, false),
+        QemuImgInfo
+        | QemuImgInfoForceShare
+        | QemuImgCheck
+        | QemuImgCheckRepair
+        | QemuImgConvertSource
+        | QemuImgConvertSourceForceShare
+        | QemuImgResize => return Err(Error::NotAHolder(fe)),
+    })
+}
+
+/// Finds `program` in `dir`, or on `PATH` when no directory is given.
+pub(crate) fn find_program(program: &str, dir: Option<&Path>) -> Result<PathBuf> {
+    let found = match dir {
+        Some(d) => Some(d.join(program)).filter(|p| p.is_file()),
+        None => std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file())),
+    };
+    found.ok_or_else(|| Error::Unavailable {
+        program: program.to_string(),
+        searched: dir.map_or("PATH".to_string(), |d| d.display().to_string()),
+    })
+}
+
+impl Real {
+    /// Starts `fe` on `image` and returns once QEMU holds its locks.
+    pub(crate) fn spawn(fe: FrontEnd, format: Format, image: &Path, bin_dir: Option<&Path>) -> Result<Real> {
+        let dir =
+            tempfile::Builder::new().prefix("qlock-testkit-").tempdir().map_err(Error::io("temp dir"))?;
+        let plan = plan(fe, format, image, dir.path())?;
+        let program = find_program(plan.program, bin_dir)?;
+        if let Some(backing_format) = plan.overlay_of {
+            let qemu_img = find_program("qemu-img", bin_dir)?;
+            let overlay = dir.path().join("overlay.qcow2");
+            let out = Command::new(qemu_img)
+                .args(["create", "-q", "-f", "qcow2", "-F", backing_format.as_str(), "-b"])
+                .arg(image.canonicalize().map_err(Error::io("canonicalize image path"))?)
+                .arg(&overlay)
+                .output()
+                .map_err(Error::io("run qemu-img create"))?;
+            if !out.status.success() {
+                return Err(qemu_failed("qemu-img create", Some(out.status), &out.stderr));
+            }
+        }
+        let mut cmd = Command::new(&program);
+        cmd.args(&plan.args);
+        if plan.qmp {
+            // Last, so that the greeting comes after every block device is open.
+            match plan.program {
+                "qemu-system-x86_64" => cmd.args(["-qmp", "stdio"]),
+                _ => cmd.args(["--chardev", "stdio,id=qmp0", "--monitor", "chardev=qmp0,mode=control"]),
+            };
+        }
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(Error::io("spawn QEMU"))?;
+        let (Some(stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(Error::Unsupported("running QEMU without pipes"));
+        };
+        let marker: &[u8] = if plan.qmp { b"{\"QMP\"" } else { b"qemu-io> " };
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = stdout.read(&mut chunk).map_err(Error::io("read QEMU's output"))?;
+            if n == 0 {
+                let status = child.wait().ok();
+                let mut err = Vec::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_end(&mut err);
+                }
+                return Err(qemu_failed(plan.program, status, &err));
+            }
+            seen.extend_from_slice(&chunk[..n]);
+            if seen.windows(marker.len()).any(|w| w == marker) {
+                break;
+            }
+        }
+        Ok(Real { child, stdin: Some(stdin), _stdout: stdout, qmp: plan.qmp, _dir: dir })
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Asks QEMU to quit (`quit` for qemu-io, QMP `quit` for the daemons) and reaps it.
+    pub(crate) fn release(&mut self) -> Result<ExitStatus> {
+        if let Some(mut stdin) = self.stdin.take() {
+            let msg: &[u8] = if self.qmp {
+                b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n"
+            } else {
+                b"quit\n"
+            };
+            // A QEMU that already died closed its end: waiting below reports how it ended.
+            let _ = stdin.write_all(msg);
+        }
+        self.wait()
+    }
+
+    pub(crate) fn kill(&mut self) -> Result<ExitStatus> {
+        // Fails only when the process was already reaped, which wait() then reports.
+        let _ = self.child.kill();
+        self.wait()
+    }
+
+    pub(crate) fn wait(&mut self) -> Result<ExitStatus> {
+        self.child.wait().map_err(Error::io("wait for QEMU"))
+    }
+}
+
+fn qemu_failed(program: &str, status: Option<ExitStatus>, stderr: &[u8]) -> Error {
+    Error::Qemu {
+        program: program.to_string(),
+        status,
+        message: String::from_utf8_lossy(stderr).trim().to_string(),
+    }
+}

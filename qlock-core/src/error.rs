@@ -52,6 +52,19 @@ pub enum Error {
         /// The error from `open(2)`.
         source: io::Error,
     },
+    /// Under POSIX locks (no OFD), this process already holds the image through another
+    /// `ImageLock`: a second descriptor would be blind to the first's locks and would drop them
+    /// when closed, so qlock refuses to open it.
+    #[error(
+        "Could not open '{}' a second time in this process under POSIX locks: closing either \
+         descriptor would drop the locks of both, and POSIX locks cannot see conflicts within \
+         one process. Keep one ImageLock per image per process, or use OFD locks (Linux >= 3.15).",
+        .path.display()
+    )]
+    PosixSameProcess {
+        /// The path as given.
+        path: PathBuf,
+    },
     /// Another description holds a conflicting lock: the check phase failed, or a write lock
     /// stopped the lock phase. Nothing this call took is left locked.
     #[error("{0}")]

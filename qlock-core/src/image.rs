@@ -13,6 +13,7 @@ use crate::error::{Conflict, ConflictReason, Error, Result};
 use crate::holders;
 use crate::perm::Perm;
 use crate::plan::{ByteRange, Check, LockSet, plan};
+use crate::posix::PosixClaim;
 use crate::sys::{self, LockKind};
 use crate::wait::{self, Backoff};
 use crate::wake::{self, CloseWatch};
@@ -123,6 +124,9 @@ impl LockOptions {
 #[derive(Debug)]
 pub struct ImageLock {
     file: File,
+    /// Held for its `Drop` only; declared after `file`, so the descriptor is closed before the
+    /// claim is given up.
+    _posix_claim: Option<PosixClaim>,
     path: PathBuf,
     kind: Option<LockKind>,
     all: Perm,
@@ -176,9 +180,17 @@ impl ImageLock {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::IsADirectory`], [`Error::NotAnImage`],
-    /// [`Error::PermissionDenied`] or [`Error::Open`].
+    /// [`Error::PermissionDenied`] or [`Error::Open`]; under POSIX locks,
+    /// [`Error::PosixSameProcess`] when this process already has the image open through qlock.
     pub fn open(path: impl AsRef<Path>, options: &LockOptions) -> Result<ImageLock> {
         let path = path.as_ref();
+        let kind = options.lock_kind();
+        // Under POSIX locks even a refused second descriptor would unlock the first when closed:
+        // check before opening.
+        let posix_claim = match kind {
+            Some(LockKind::Posix) => Some(PosixClaim::claim(path)?),
+            _ => None,
+        };
         // O_NONBLOCK keeps a FIFO from hanging the open; it changes nothing for files and
         // block devices. std adds O_CLOEXEC.
         let file = OpenOptions::new()
@@ -200,8 +212,9 @@ impl ImageLock {
         }
         Ok(ImageLock {
             file,
+            _posix_claim: posix_claim,
             path: path.to_path_buf(),
-            kind: options.lock_kind(),
+            kind,
             all: options.all(),
             access: Access::new(Perm::empty(), Perm::LEGACY_ALL),
             held: LockSet::EMPTY,

@@ -35,6 +35,7 @@ pub mod image;
 pub mod offload;
 pub mod perm;
 pub mod plan;
+mod posix;
 pub mod sys;
 pub mod wait;
 pub mod wake;

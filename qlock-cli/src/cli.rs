@@ -59,7 +59,7 @@ pub(crate) struct RunArgs {
     /// Wait for the locks instead of failing at once.
     #[arg(long)]
     pub(crate) wait: bool,
-    /// Exit status when the locks cannot be taken (default 1, like flock -E).
+    /// Exit status when the locks cannot be taken (like flock -E).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub(crate) conflict_exit_code: u8,
     /// The command and its arguments.
@@ -88,9 +88,6 @@ pub(crate) struct LockArgs {
     /// Honour graph-mod (bytes 104/204) as QEMU <= 6.2 did.
     #[arg(long)]
     pub(crate) legacy_graph_mod: bool,
-    /// Open the images read-write (only matters to CMD's view of nothing: locks work read-only).
-    #[arg(long, hide = true)]
-    pub(crate) write: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -122,12 +119,8 @@ impl LockArgs {
             LockingArg::On => Locking::On,
             LockingArg::Off => Locking::Off,
         };
-        LockOptions {
-            locking,
-            legacy_graph_mod: self.legacy_graph_mod,
-            write: self.write,
-            ..LockOptions::default()
-        }
+        // Read-only descriptors: read locks and probes need nothing more.
+        LockOptions { locking, legacy_graph_mod: self.legacy_graph_mod, ..LockOptions::default() }
     }
 }
 

@@ -6,15 +6,15 @@
 //! - `cargo xtask ci`: everything CI runs ([`ci`]). If it passes locally, CI is green.
 //!
 //! Modules: [`catalogue`] (QEMU front ends and their accesses), [`qemu`] (builds),
-//! [`fetch`] (bookworm download), [`hold`] (non-QEMU holders), [`run`] (processes and
-//! verdicts), [`compat`] (matrix and checks), [`mod@bench`], [`ci`].
+//! [`fetch`] (bookworm download), [`run`] (holders, newcomers and verdicts), [`compat`]
+//! (matrix and checks), [`mod@bench`], [`ci`]. The qlock and foreign holders, and the real
+//! `qemu-io` and storage-daemon holders, are qlock-testkit's.
 
 pub mod bench;
 pub mod catalogue;
 pub mod ci;
 pub mod compat;
 pub mod fetch;
-pub mod hold;
 pub mod qemu;
 pub mod run;
 

@@ -2,7 +2,7 @@
 //!
 //! - `cargo xtask compat`: the differential check against real QEMU ([`compat`]), on the QEMU
 //!   on `PATH`, Debian bookworm's 7.2 ([`fetch`]) and any `--qemu DIR`;
-//! - `cargo xtask bench`: the workspace benchmarks, with one table of their ratios ([`mod@bench`]);
+//! - `cargo xtask bench`: the workspace benchmarks, with one table of their goals ([`mod@bench`]);
 //! - `cargo xtask ci`: everything CI runs ([`ci`]). If it passes locally, CI is green.
 //!
 //! Modules: [`catalogue`] (QEMU front ends and their accesses), [`qemu`] (builds),

@@ -19,9 +19,9 @@ struct Cli {
 enum Task {
     /// Differential check: qlock against real QEMU front ends, on every QEMU version at hand.
     Compat(CompatArgs),
-    /// Run the workspace benchmarks and print one table of their ratios.
+    /// Run the workspace benchmarks and print one table of their goals.
     Bench {
-        /// Exit 1 when a ratio misses its goal.
+        /// Exit 1 when a goal is missed or a goal line does not parse.
         #[arg(long)]
         strict: bool,
         /// Passed to `cargo bench`.

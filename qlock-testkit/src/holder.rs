@@ -1,6 +1,6 @@
 //! [`FakeQemu`]: a live process holding an image's locks, and its [`HolderBuilder`].
 
-use std::ffi::CString;
+use std::ffi::{CString, OsString};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -47,6 +47,7 @@ pub struct HolderBuilder {
     writable: bool,
     kind: HolderKind,
     qemu_bin_dir: Option<PathBuf>,
+    qemu_env: Vec<(OsString, OsString)>,
 }
 
 impl HolderBuilder {
@@ -87,6 +88,14 @@ impl HolderBuilder {
     /// a QEMU unpacked somewhere else.
     pub fn qemu_bin_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.qemu_bin_dir = Some(dir.into());
+        self
+    }
+
+    /// Sets an environment variable for the real QEMU processes only (repeatable): an unpacked
+    /// QEMU may need `LD_LIBRARY_PATH` for its libraries, and messages compare best under
+    /// `LC_ALL=C`. The test process's own environment is left alone.
+    pub fn qemu_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.qemu_env.push((key.into(), value.into()));
         self
     }
 
@@ -158,7 +167,7 @@ impl HolderBuilder {
             return Err(Error::Unsupported("a raw lock set or bare access"));
         };
         fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
-        let real = Real::spawn(fe, format, &self.path, self.qemu_bin_dir.as_deref())?;
+        let real = Real::spawn(fe, format, &self.path, self.qemu_bin_dir.as_deref(), &self.qemu_env)?;
         let pid = Pid::from_raw(real.pid() as i32);
         Ok(FakeQemu {
             path: self.path,
@@ -220,6 +229,7 @@ impl FakeQemu {
             writable: false,
             kind: HolderKind::Ofd,
             qemu_bin_dir: None,
+            qemu_env: Vec::new(),
         }
     }
 

@@ -41,11 +41,13 @@
 //! no lock.
 //!
 //! Modules: [`front_end`] (the spec's table), [`raw`] (lock sets and change plans),
-//! [`holder`] (the handle), [`fixtures`] (rstest fixtures), [`error`].
+//! [`holder`] (the handle), `fixtures` (rstest fixtures, the default feature `fixtures`),
+//! [`error`].
 //!
 //! See README.md for the downstream testing guide.
 
 pub mod error;
+#[cfg(feature = "fixtures")]
 pub mod fixtures;
 mod fork;
 pub mod front_end;

@@ -5,6 +5,7 @@
 //! every option before the monitor has been processed, so the monitor is always the last
 //! option. When QEMU fails instead, it exits and its stderr becomes the error.
 
+use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
@@ -135,7 +136,13 @@ pub(crate) fn find_program(program: &str, dir: Option<&Path>) -> Result<PathBuf>
 
 impl Real {
     /// Starts `fe` on `image` and returns once QEMU holds its locks.
-    pub(crate) fn spawn(fe: FrontEnd, format: Format, image: &Path, bin_dir: Option<&Path>) -> Result<Real> {
+    pub(crate) fn spawn(
+        fe: FrontEnd,
+        format: Format,
+        image: &Path,
+        bin_dir: Option<&Path>,
+        env: &[(OsString, OsString)],
+    ) -> Result<Real> {
         let dir =
             tempfile::Builder::new().prefix("qlock-testkit-").tempdir().map_err(Error::io("temp dir"))?;
         let plan = plan(fe, format, image, dir.path())?;
@@ -144,6 +151,7 @@ impl Real {
             let qemu_img = find_program("qemu-img", bin_dir)?;
             let overlay = dir.path().join("overlay.qcow2");
             let out = Command::new(qemu_img)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .args(["create", "-q", "-f", "qcow2", "-F", backing_format.as_str(), "-b"])
                 .arg(image.canonicalize().map_err(Error::io("canonicalize image path"))?)
                 .arg(&overlay)
@@ -154,7 +162,7 @@ impl Real {
             }
         }
         let mut cmd = Command::new(&program);
-        cmd.args(&plan.args);
+        cmd.envs(env.iter().map(|(k, v)| (k, v))).args(&plan.args);
         if plan.qmp {
             // Last, so that the greeting comes after every block device is open.
             match plan.program {

@@ -5,42 +5,18 @@
 //! permissions straight through, exactly as on a real raw image. Locks only concern the file,
 //! so holders and newcomers of either format meet on one image.
 //!
-//! The accesses written here are the spec's table, not derived from qlock: a wrong entry makes
-//! the differential check disagree (newcomers) or fails the byte check (holders).
-
-use std::fmt;
+//! A holder's access is qlock-testkit's [`FrontEnd`] table, the one downstream tests rely on:
+//! the bytes check of `compat` holds it against what the real front end holds on every QEMU
+//! version. The newcomers' accesses are written here. Neither is derived from qlock: a wrong
+//! entry makes the differential check disagree (newcomers) or fails the bytes check (holders).
 
 use qlock_core::{Access, Perm};
-
-/// The block driver a front end is told to use (`-f`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// qcow2: its metadata child always unshares write and resize.
-    Qcow2,
-    /// raw: a pass-through, the file sees what the user asked for.
-    Raw,
-}
-
-impl Format {
-    /// The name QEMU takes after `-f`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Qcow2 => "qcow2",
-            Format::Raw => "raw",
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use qlock_testkit::{Format, FrontEnd};
 
 /// A long-running QEMU process that holds an image open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HolderKind {
-    /// `qemu-io [-r [-U]] IMAGE`, ready at its `qemu-io> ` prompt.
+    /// `qemu-io [-r [-U]] IMAGE`, started by the testkit, ready at its `qemu-io> ` prompt.
     Io {
         /// `-r`
         read_only: bool,
@@ -52,7 +28,8 @@ pub enum HolderKind {
         /// `-r`
         read_only: bool,
     },
-    /// `qemu-storage-daemon` with an NBD export, ready when QMP answers a command.
+    /// `qemu-storage-daemon` with an NBD export, started by the testkit, ready at its QMP
+    /// greeting (the monitor is its last option).
     Qsd {
         /// `writable=on`
         writable: bool,
@@ -73,8 +50,27 @@ pub struct QemuHolder {
     pub kind: HolderKind,
     /// `-f` format.
     pub format: Format,
-    /// The access it takes on the file.
+    /// The access it takes on the file: its front end's in the testkit's table.
     pub access: Access,
+}
+
+impl HolderKind {
+    /// The testkit front end this holder is (qemu-nbd and a storage-daemon export take the
+    /// same bytes).
+    pub fn front_end(self) -> FrontEnd {
+        match self {
+            HolderKind::Io { read_only: false, .. } => FrontEnd::QemuIoRw,
+            HolderKind::Io { force_share: true, .. } => FrontEnd::QemuIoForceShare,
+            HolderKind::Io { .. } => FrontEnd::QemuIoReadOnly,
+            HolderKind::Nbd { read_only: false } | HolderKind::Qsd { writable: true } => FrontEnd::QemuNbdRw,
+            HolderKind::Nbd { read_only: true } | HolderKind::Qsd { writable: false } => {
+                FrontEnd::QemuNbdReadOnly
+            }
+            HolderKind::Vm { readonly: true, .. } => FrontEnd::VmDiskReadonly,
+            HolderKind::Vm { share_rw: true, .. } => FrontEnd::VmDiskShareRw,
+            HolderKind::Vm { .. } => FrontEnd::VmDisk,
+        }
+    }
 }
 
 impl QemuHolder {
@@ -179,7 +175,7 @@ const W: Perm = Perm::WRITE;
 const RS: Perm = Perm::RESIZE;
 const ALL: Perm = Perm::ALL;
 
-/// Everything but resize: NBD exports never share resize.
+/// Everything but resize: NBD exports never share resize (newcomer exports).
 const NO_RESIZE: Access = Access::new(CR.union(W), ALL.difference(RS));
 /// A read-only NBD export of a raw file: `100 | 203`.
 const RO_NO_RESIZE: Access = Access::new(CR, ALL.difference(RS));
@@ -188,30 +184,31 @@ const RO_NO_RESIZE: Access = Access::new(CR, ALL.difference(RS));
 pub fn holders() -> Vec<QemuHolder> {
     use Format::*;
     use HolderKind::*;
-    let h = |kind, format, access| QemuHolder { kind, format, access };
-    vec![
-        h(Io { read_only: false, force_share: false }, Qcow2, Access::WRITE),
-        h(Io { read_only: true, force_share: false }, Qcow2, Access::READ),
-        h(Io { read_only: true, force_share: true }, Qcow2, Access::FORCE_SHARE),
-        h(Io { read_only: false, force_share: false }, Raw, Access::WRITE_SHARED),
-        h(Io { read_only: true, force_share: false }, Raw, Access::FORCE_SHARE),
-        h(Io { read_only: true, force_share: true }, Raw, Access::FORCE_SHARE),
-        h(Nbd { read_only: false }, Qcow2, Access::WRITE),
-        h(Nbd { read_only: true }, Qcow2, Access::READ),
-        h(Nbd { read_only: false }, Raw, NO_RESIZE),
-        h(Nbd { read_only: true }, Raw, RO_NO_RESIZE),
-        h(Qsd { writable: true }, Qcow2, Access::WRITE),
-        h(Qsd { writable: false }, Qcow2, Access::READ),
-        h(Qsd { writable: true }, Raw, NO_RESIZE),
-        h(Qsd { writable: false }, Raw, RO_NO_RESIZE),
+    let groups: [&[HolderKind]; 4] = [
+        &[
+            Io { read_only: false, force_share: false },
+            Io { read_only: true, force_share: false },
+            Io { read_only: true, force_share: true },
+        ],
+        &[Nbd { read_only: false }, Nbd { read_only: true }],
+        &[Qsd { writable: true }, Qsd { writable: false }],
         // A disk device shares consistent read, write unchanged and resize (hw/block/block.c).
-        h(Vm { readonly: false, share_rw: false }, Qcow2, Access::WRITE),
-        h(Vm { readonly: true, share_rw: false }, Qcow2, Access::READ),
-        h(Vm { readonly: false, share_rw: true }, Qcow2, Access::WRITE),
-        h(Vm { readonly: false, share_rw: false }, Raw, Access::new(CR.union(W), ALL.difference(W))),
-        h(Vm { readonly: true, share_rw: false }, Raw, Access::new(CR, ALL.difference(W))),
-        h(Vm { readonly: false, share_rw: true }, Raw, Access::WRITE_SHARED),
-    ]
+        &[
+            Vm { readonly: false, share_rw: false },
+            Vm { readonly: true, share_rw: false },
+            Vm { readonly: false, share_rw: true },
+        ],
+    ];
+    let mut v = Vec::new();
+    // Each front end on qcow2, then on raw. Every pair has an access (a test says so).
+    for group in groups {
+        for format in [Qcow2, Raw] {
+            v.extend(group.iter().filter_map(|&kind| {
+                kind.front_end().access(format).map(|access| QemuHolder { kind, format, access })
+            }));
+        }
+    }
+    v
 }
 
 /// The newcomers, in the order they run against one holder: image-changing ones last.
@@ -253,4 +250,24 @@ pub fn newcomers() -> Vec<QemuNewcomer> {
 /// Two accesses take the same bytes (graph-mod aside).
 pub fn same_bytes(a: Access, b: Access) -> bool {
     a.within(ALL) == b.within(ALL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_holder_has_an_access_and_a_unique_label() {
+        let holders = holders();
+        assert_eq!(holders.len(), 20);
+        let mut labels: Vec<String> = holders.iter().map(QemuHolder::label).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), 20);
+        // Spot checks against spec section 5, independent of the testkit's table.
+        let bytes = |label: &str| holders.iter().find(|h| h.label() == label).map(|h| h.access.bytes());
+        assert_eq!(bytes("qemu-nbd (raw)"), Some(vec![100, 101, 203]));
+        assert_eq!(bytes("VM rw (raw)"), Some(vec![100, 101, 201]));
+        assert_eq!(bytes("qemu-io -r (qcow2)"), Some(vec![100, 201, 203]));
+    }
 }

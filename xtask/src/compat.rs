@@ -10,63 +10,73 @@
 //!   holding `p` as against every QEMU holder whose access is `p` (for `info`, whose QEMU front
 //!   end exits at once, the twin is a foreign holder of bytes 201 and 203);
 //! - **bytes**: each QEMU and qlock holder holds exactly the bytes of its catalogued access,
-//!   as seen from outside with [`qlock_core::inspect`].
+//!   as seen from outside with [`qlock_core::inspect`]; for a qlock preset, so does
+//!   `ImageLock` itself, checked in this process before the holder starts.
 //!
 //! A cell that could not run at all (an `E`) fails its own check.
+//!
+//! The qlock and foreign holders are qlock-testkit processes ([`qlock_testkit::FakeQemu`]):
+//! the differential check runs on the same holders downstream tests use, and its bytes check
+//! verifies the testkit's front-end table against every QEMU version.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use qlock_core::{Access, LockSet, Perm};
+use qlock_testkit::RawLock;
 
 use crate::catalogue::{self, QemuHolder, QemuNewcomer, same_bytes};
-use crate::hold::HoldSpec;
 use crate::qemu::QemuBuild;
 use crate::run::{self, Running, Scratch, Verdict};
 
+/// A write lock on `byte`.
+const fn wr(byte: u64) -> RawLock {
+    RawLock::byte(byte).exclusive()
+}
+
 /// Foreign holders: what other software (or a broken one) may hold. The name says which spec
 /// test vector it reproduces.
-pub const RAW_HOLDERS: &[(&str, &str)] = &[
-    ("ext wr 100 (V21)", "raw:ofd-w@100"),
-    ("ext wr 201 (V23)", "raw:ofd-w@201"),
-    ("ext wr 203", "raw:ofd-w@203"),
-    ("ext posix wr 101", "raw:posix-w@101"),
-    ("ext posix rd 101 201 (V24)", "raw:posix-r@101,posix-r@201"),
-    ("ext rd 0 (libvirt)", "raw:ofd-r@0"),
-    ("ext wr 0", "raw:ofd-w@0"),
-    ("ext rd 102 (V19)", "raw:ofd-r@102"),
-    ("ext rd 104 204 (V20)", "raw:ofd-r@104,ofd-r@204"),
-    ("ext rd 200 (V15)", "raw:ofd-r@200"),
-    ("ext rd 100 201-203 (V17)", "raw:ofd-r@100,ofd-r@201+3"),
-    ("ext rd 201 203 (info)", "raw:ofd-r@201,ofd-r@203"),
-    ("ext rd whole file", "raw:ofd-r@0+0"),
-    ("ext wr whole file", "raw:ofd-w@0+0"),
-    ("ext posix wr whole file", "raw:posix-w@0+0"),
+pub const RAW_HOLDERS: &[(&str, &[RawLock])] = &[
+    ("ext wr 100 (V21)", &[wr(100)]),
+    ("ext wr 201 (V23)", &[wr(201)]),
+    ("ext wr 203", &[wr(203)]),
+    ("ext posix wr 101", &[wr(101).posix()]),
+    ("ext posix rd 101 201 (V24)", &[RawLock::byte(101).posix(), RawLock::byte(201).posix()]),
+    ("ext rd 0 (libvirt)", &[RawLock::byte(0)]),
+    ("ext wr 0", &[wr(0)]),
+    ("ext rd 102 (V19)", &[RawLock::byte(102)]),
+    ("ext rd 104 204 (V20)", &RawLock::LEGACY_GRAPH_MOD),
+    ("ext rd 200 (V15)", &[RawLock::byte(200)]),
+    ("ext rd 100 201-203 (V17)", &[RawLock::byte(100), RawLock::range(201, 3)]),
+    ("ext rd 201 203 (info)", INFO_TWIN),
+    ("ext rd whole file", &[RawLock::WHOLE_FILE]),
+    ("ext wr whole file", &[RawLock::WHOLE_FILE.exclusive()]),
+    ("ext posix wr whole file", &[RawLock::WHOLE_FILE.exclusive().posix()]),
 ];
 
 /// The foreign holder standing in for `qemu-img info` on qcow2 (`{– | 201 203}`), which cannot
 /// be kept running.
-const INFO_TWIN: &str = "raw:ofd-r@201,ofd-r@203";
+const INFO_TWIN: &[RawLock] = &[RawLock::byte(201), RawLock::byte(203)];
 
 /// A row of the matrix.
 #[derive(Debug, Clone)]
 pub enum Holder {
     /// A QEMU front end.
     Qemu(QemuHolder),
-    /// `xtask hold IMAGE PRESET`.
+    /// A testkit process holding a preset's access, taken the QEMU way.
     Qlock {
         /// Preset name.
         name: &'static str,
         /// Its access.
         access: Access,
     },
-    /// `xtask hold IMAGE raw:...`.
+    /// A testkit process holding raw locks.
     Raw {
         /// Label.
         name: &'static str,
-        /// The locks.
-        spec: &'static str,
+        /// The locks, taken in order on one descriptor.
+        locks: &'static [RawLock],
     },
 }
 
@@ -85,7 +95,7 @@ impl Holder {
     fn twin_access(&self) -> Option<Access> {
         match self {
             Holder::Qemu(h) => Some(h.access),
-            Holder::Raw { spec, .. } if *spec == INFO_TWIN => Some(Access::INFO),
+            Holder::Raw { locks, .. } if *locks == INFO_TWIN => Some(Access::INFO),
             _ => None,
         }
     }
@@ -126,8 +136,6 @@ pub struct Options {
     pub only: Vec<String>,
     /// Run these presets with another access (`name`, access), for testing the check itself.
     pub mutate: Vec<(String, Access)>,
-    /// The xtask binary, for `hold` children.
-    pub xtask: PathBuf,
 }
 
 /// The outcome for one QEMU build.
@@ -221,7 +229,7 @@ pub fn matrix(build: &QemuBuild, opts: &Options) -> (Vec<Holder>, Vec<Newcomer>)
         .map(Holder::Qemu)
         .collect();
     holders.extend(Access::PRESETS.iter().map(|p| Holder::Qlock { name: p.name, access: p.access }));
-    holders.extend(RAW_HOLDERS.iter().map(|(name, spec)| Holder::Raw { name, spec }));
+    holders.extend(RAW_HOLDERS.iter().map(|(name, locks)| Holder::Raw { name, locks }));
     holders.retain(|h| keep(h.label()));
     let mut newcomers: Vec<Newcomer> = Access::PRESETS
         .iter()
@@ -257,7 +265,7 @@ pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
                     };
                     let Some(holder) = holders.get(h) else { break };
                     let dir = tmp.path().join(format!("h{h}"));
-                    let row = run_row(build, opts, holder, &newcomers, dir);
+                    let row = run_row(build, holder, &newcomers, dir);
                     rows.lock().unwrap_or_else(|e| e.into_inner())[h] = Some(row);
                 }
             });
@@ -274,12 +282,12 @@ pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
 struct Row {
     /// Why the holder did not start, or its bytes were not the catalogued ones.
     holder_error: Option<String>,
-    /// The bytes check, for QEMU and qlock holders.
-    bytes: Option<Result<LockSet, (LockSet, LockSet)>>,
+    /// The bytes check, for QEMU and qlock holders: what was wrong.
+    bytes: Option<Result<(), String>>,
     cells: Vec<Option<Verdict>>,
 }
 
-fn run_row(build: &QemuBuild, opts: &Options, holder: &Holder, newcomers: &[Newcomer], dir: PathBuf) -> Row {
+fn run_row(build: &QemuBuild, holder: &Holder, newcomers: &[Newcomer], dir: PathBuf) -> Row {
     let mut row = Row { holder_error: None, bytes: None, cells: vec![None; newcomers.len()] };
     let scratch = Scratch { image: dir.join("disk.qcow2"), dir: dir.clone() };
     if let Err(e) = std::fs::create_dir_all(&dir)
@@ -289,13 +297,20 @@ fn run_row(build: &QemuBuild, opts: &Options, holder: &Holder, newcomers: &[Newc
         row.holder_error = Some(format!("cannot create the image: {e}"));
         return row;
     }
+    // What qlock itself holds for a preset, before its testkit stand-in takes the image.
+    let qlock_held = match holder {
+        Holder::Qlock { access, .. } => Some(run::qlock_holds(*access, &scratch)),
+        _ => None,
+    };
     let started: Result<Running, String> = match holder {
         Holder::Qemu(h) => run::start_qemu(build, h, &scratch),
-        Holder::Qlock { access, .. } => run::start_hold(&opts.xtask, &scratch, &HoldSpec::Qlock(*access)),
-        Holder::Raw { spec, .. } => match spec.parse::<HoldSpec>() {
-            Ok(s) => run::start_hold(&opts.xtask, &scratch, &s),
-            Err(e) => Err(e),
-        },
+        Holder::Qlock { access, .. } => {
+            run::start_testkit(build.holder(&scratch.image).access(*access), false).map_err(|e| e.to_string())
+        }
+        Holder::Raw { locks, .. } => {
+            run::start_testkit(build.holder(&scratch.image).raw(locks.iter().copied()), false)
+                .map_err(|e| e.to_string())
+        }
     };
     let running = match started {
         Ok(r) => r,
@@ -311,10 +326,18 @@ fn run_row(build: &QemuBuild, opts: &Options, holder: &Holder, newcomers: &[Newc
     };
     if let Some(access) = expected {
         let want = lockset(access);
-        row.bytes = Some(match qlock_core::inspect(&[&scratch.image]).remove(0) {
-            Ok(status) if status.others.held == want => Ok(want),
-            Ok(status) => Err((want, status.others.held)),
-            Err(_) => Err((want, LockSet::EMPTY)),
+        let seen = match qlock_core::inspect(&[&scratch.image]).remove(0) {
+            Ok(status) => status.others.held,
+            Err(_) => LockSet::EMPTY,
+        };
+        let label = holder.label();
+        row.bytes = Some(match qlock_held {
+            Some(Ok(q)) if q != want => {
+                Err(format!("holder {label}: ImageLock holds {{{q}}}, the preset is {{{want}}}"))
+            }
+            Some(Err(e)) => Err(format!("holder {label}: ImageLock could not take the preset: {e}")),
+            _ if seen != want => Err(format!("holder {label}: holds {{{seen}}}, catalogue says {{{want}}}")),
+            _ => Ok(()),
         });
     }
     let image = scratch.image.display().to_string();
@@ -346,12 +369,8 @@ fn derive_checks(holders: &[Holder], newcomers: &[Newcomer], rows: &[Row]) -> Ve
             continue;
         }
         match &row.bytes {
-            Some(Ok(_)) => checks.push(Check { ok: true, detail: String::new(), cells: vec![] }),
-            Some(Err((want, got))) => checks.push(Check {
-                ok: false,
-                detail: format!("holder {}: holds {{{got}}}, catalogue says {{{want}}}", holder.label()),
-                cells: vec![],
-            }),
+            Some(Ok(())) => checks.push(Check { ok: true, detail: String::new(), cells: vec![] }),
+            Some(Err(detail)) => checks.push(Check { ok: false, detail: detail.clone(), cells: vec![] }),
             None => {}
         }
         for (n, newcomer) in newcomers.iter().enumerate() {

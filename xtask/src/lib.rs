@@ -2,19 +2,19 @@
 //!
 //! - `cargo xtask compat`: the differential check against real QEMU ([`compat`]), on the QEMU
 //!   on `PATH`, Debian bookworm's 7.2 ([`fetch`]) and any `--qemu DIR`;
-//! - `cargo xtask bench`: the workspace benchmarks, with one table of their ratios ([`mod@bench`]);
+//! - `cargo xtask bench`: the workspace benchmarks, with one table of their goals ([`mod@bench`]);
 //! - `cargo xtask ci`: everything CI runs ([`ci`]). If it passes locally, CI is green.
 //!
 //! Modules: [`catalogue`] (QEMU front ends and their accesses), [`qemu`] (builds),
-//! [`fetch`] (bookworm download), [`hold`] (non-QEMU holders), [`run`] (processes and
-//! verdicts), [`compat`] (matrix and checks), [`mod@bench`], [`ci`].
+//! [`fetch`] (bookworm download), [`run`] (holders, newcomers and verdicts), [`compat`]
+//! (matrix and checks), [`mod@bench`], [`ci`]. The qlock and foreign holders, and the real
+//! `qemu-io` and storage-daemon holders, are qlock-testkit's.
 
 pub mod bench;
 pub mod catalogue;
 pub mod ci;
 pub mod compat;
 pub mod fetch;
-pub mod hold;
 pub mod qemu;
 pub mod run;
 

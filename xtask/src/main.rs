@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use qlock_core::Access;
 use xtask::compat::{self, Options};
-use xtask::hold::{self, HoldSpec};
 use xtask::qemu::QemuBuild;
 
 #[derive(Parser)]
@@ -20,9 +19,9 @@ struct Cli {
 enum Task {
     /// Differential check: qlock against real QEMU front ends, on every QEMU version at hand.
     Compat(CompatArgs),
-    /// Run the workspace benchmarks and print one table of their ratios.
+    /// Run the workspace benchmarks and print one table of their goals.
     Bench {
-        /// Exit 1 when a ratio misses its goal.
+        /// Exit 1 when a goal is missed or a goal line does not parse.
         #[arg(long)]
         strict: bool,
         /// Passed to `cargo bench`.
@@ -36,14 +35,6 @@ enum Task {
         skip: Vec<String>,
         #[command(flatten)]
         compat: CompatArgs,
-    },
-    /// Hold IMAGE with SPEC until stdin closes (used by compat).
-    #[command(hide = true)]
-    Hold {
-        /// The image.
-        image: PathBuf,
-        /// A qlock access (`write`, `perm=...;shared=...`) or `raw:ofd-w@100,...`.
-        spec: String,
     },
 }
 
@@ -83,7 +74,6 @@ fn main() -> ExitCode {
             println!("ci: cargo xtask compat");
             compat_main(&args)
         }),
-        Task::Hold { image, spec } => spec.parse::<HoldSpec>().and_then(|s| hold::serve(&image, &s)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,8 +86,7 @@ fn main() -> ExitCode {
 
 fn compat_main(args: &CompatArgs) -> Result<(), String> {
     let jobs = args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() * 2));
-    let xtask = std::env::current_exe().map_err(|e| e.to_string())?;
-    let opts = Options { jobs, only: args.only.clone(), mutate: args.mutate.clone(), xtask };
+    let opts = Options { jobs, only: args.only.clone(), mutate: args.mutate.clone() };
     let mut builds: Vec<Result<QemuBuild, (String, String)>> =
         vec![QemuBuild::from_path().map_err(|e| ("PATH".into(), e))];
     if args.no_download {

@@ -4,6 +4,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use qlock_testkit::{FakeQemu, HolderBuilder};
+
 /// The command-line tools every build must have.
 pub const TOOLS: [&str; 4] = ["qemu-io", "qemu-img", "qemu-nbd", "qemu-storage-daemon"];
 
@@ -107,6 +109,22 @@ impl QemuBuild {
         // Messages are compared verbatim: keep them in English.
         cmd.env("LC_ALL", "C");
         cmd
+    }
+
+    /// A qlock-testkit holder of `image` whose real QEMU processes are this build's, with the
+    /// same environment as [`command_at`](Self::command_at).
+    pub fn holder(&self, image: &Path) -> HolderBuilder {
+        let mut b = FakeQemu::builder(image).qemu_env("LC_ALL", "C");
+        if let Some(dir) = &self.bin_dir {
+            b = b.qemu_bin_dir(dir);
+        }
+        if let Some(lib) = &self.lib_path {
+            b = b.qemu_env("LD_LIBRARY_PATH", lib);
+        }
+        if let Some(dir) = &self.module_dir {
+            b = b.qemu_env("QEMU_MODULE_DIR", dir);
+        }
+        b
     }
 
     /// `10.0.2 (PATH)`

@@ -1,25 +1,26 @@
 //! Starting holders with a readiness handshake, and running newcomers to a [`Verdict`].
 //!
-//! Handshakes, never sleeps: `qemu-io` prints `qemu-io> ` once the image is open (also on a
-//! pipe); `qemu-nbd --fork` exits its parent once serving; `qemu-storage-daemon` and
-//! `qemu-system` answer a QMP command only from their main loop, after setting up the command
-//! line;
-//! `xtask hold` prints `READY`. Daemonised `qemu-nbd` children are reaped because the compat
-//! run makes itself a child subreaper ([`become_subreaper`]).
+//! Handshakes, never sleeps. qlock-testkit starts the qlock and foreign holders (forked
+//! processes that answer once they hold their locks) and the real `qemu-io` and
+//! `qemu-storage-daemon` holders (ready at QEMU's own prompt or QMP greeting). What the testkit
+//! does not run is started here: `qemu-nbd --fork` exits its parent once serving, and
+//! `qemu-system` answers a QMP command only from its main loop, after setting up its drives.
+//! Daemonised `qemu-nbd` children are reaped because the compat run makes itself a child
+//! subreaper ([`become_subreaper`]).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::RwLock;
 
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
-use qlock_core::{Access, ImageLock, LockOptions};
+use qlock_core::{Access, ImageLock, LockOptions, LockSet};
+use qlock_testkit::{FakeQemu, FrontEnd, HolderBuilder};
 
 use crate::catalogue::{Format, HolderKind, NewcomerKind, QemuHolder, QemuNewcomer};
-use crate::hold::{self, HoldSpec};
 use crate::qemu::QemuBuild;
 
 /// What a newcomer got.
@@ -109,10 +110,16 @@ pub fn become_subreaper() {
 
 /// A running holder; dropping it kills the process and reaps it, releasing its locks.
 #[derive(Debug)]
-pub struct Running {
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    daemon: Option<Pid>,
+pub struct Running(Option<Live>);
+
+#[derive(Debug)]
+enum Live {
+    /// Started here with piped stdio (a VM).
+    Child { child: Child, _stdin: ChildStdin },
+    /// A `qemu-nbd --fork` daemon, adopted by this subreaper.
+    Daemon(Pid),
+    /// A qlock-testkit holder, fake or real; its drop kills and reaps it.
+    Testkit(FakeQemu),
 }
 
 impl Running {
@@ -122,14 +129,19 @@ impl Running {
     }
 
     fn shutdown(&mut self) {
-        drop(self.stdin.take());
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(pid) = self.daemon.take() {
-            let _ = kill(pid, Signal::SIGKILL);
-            let _ = waitpid(pid, None);
+        match self.0.take() {
+            Some(Live::Child { mut child, .. }) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Some(Live::Daemon(pid)) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+            }
+            Some(Live::Testkit(mut h)) => {
+                let _ = h.kill();
+            }
+            None => {}
         }
     }
 }
@@ -175,17 +187,13 @@ pub fn create_image(build: &QemuBuild, scratch: &Scratch) -> Result<(), String> 
 /// # Errors
 /// The front end's own message when it did not get ready.
 pub fn start_qemu(build: &QemuBuild, h: &QemuHolder, s: &Scratch) -> Result<Running, String> {
-    let f = h.format.name();
+    let f = h.format.as_str();
     match h.kind {
-        HolderKind::Io { read_only, force_share } => {
-            let mut cmd = build.command("qemu-io");
-            cmd.args(["-f", f]);
-            flags(&mut cmd, read_only, force_share);
-            cmd.arg(&s.image);
-            spawn_until(cmd, |_, out| read_until_prompt(out, b"qemu-io> "))
+        HolderKind::Io { .. } | HolderKind::Qsd { .. } => {
+            start_testkit(build.holder(&s.image).front_end(h.kind.front_end(), h.format), true)
+                .map_err(|e| e.to_string())
         }
         HolderKind::Nbd { read_only } => nbd(build, h.format, read_only, s, "holder"),
-        HolderKind::Qsd { writable } => spawn_until(qsd(build, h.format, writable, s), qmp_ready),
         HolderKind::Vm { readonly, share_rw } => {
             let bios = s.path("empty-bios.bin");
             // The CPU never runs (-S), but the pc machine wants a firmware image to map.
@@ -206,19 +214,23 @@ pub fn start_qemu(build: &QemuBuild, h: &QemuHolder, s: &Scratch) -> Result<Runn
     }
 }
 
-/// Starts `XTASK hold IMAGE SPEC` (`xtask` is the xtask binary) and waits for its `READY`.
+/// Starts a qlock-testkit holder: `real` runs the QEMU front end the builder names, otherwise
+/// a forked fake holds the builder's access or raw locks. Returns once it holds them.
 ///
 /// # Errors
-/// The child's message when it could not take its locks.
-pub fn start_hold(xtask: &Path, s: &Scratch, spec: &HoldSpec) -> Result<Running, String> {
-    let mut cmd = Command::new(xtask);
-    cmd.arg("hold").arg(&s.image).arg(spec.to_string());
-    spawn_until(cmd, |_, out| hold::wait_ready(out))
+/// The testkit's error; for a real QEMU that refused, [`qlock_testkit::Error::Qemu`] with
+/// QEMU's stderr.
+pub fn start_testkit(b: HolderBuilder, real: bool) -> Result<Running, qlock_testkit::Error> {
+    // A fake is forked without exec and shares our descriptors until it closes them, before
+    // it answers: spawn() has returned by then.
+    let _gate = FORK_GATE.read().unwrap_or_else(|e| e.into_inner());
+    let holder = if real { b.spawn_real() } else { b.spawn() }?;
+    Ok(Running(Some(Live::Testkit(holder))))
 }
 
 /// Runs a QEMU newcomer to its verdict, leaving no process or lock behind.
 pub fn run_qemu(build: &QemuBuild, n: &QemuNewcomer, s: &Scratch) -> Verdict {
-    let f = n.format.name();
+    let f = n.format.as_str();
     let simple = |args: Vec<String>| -> Verdict {
         let mut cmd = build.command(if args[0] == "io" { "qemu-io" } else { "qemu-img" });
         cmd.args(&args[1..]);
@@ -260,13 +272,17 @@ pub fn run_qemu(build: &QemuBuild, n: &QemuNewcomer, s: &Scratch) -> Verdict {
             }
             Err(e) => Verdict::from_qemu(false, &e),
         },
-        NewcomerKind::Qsd { writable } => match spawn_until(qsd(build, n.format, writable, s), qmp_ready) {
-            Ok(r) => {
-                r.stop();
-                Verdict::Granted { note: None }
+        NewcomerKind::Qsd { writable } => {
+            let fe = if writable { FrontEnd::QemuNbdRw } else { FrontEnd::QemuNbdReadOnly };
+            match start_testkit(build.holder(&s.image).front_end(fe, n.format), true) {
+                Ok(r) => {
+                    r.stop();
+                    Verdict::Granted { note: None }
+                }
+                Err(qlock_testkit::Error::Qemu { message, .. }) => Verdict::from_qemu(false, &message),
+                Err(e) => Verdict::Failed(e.to_string()),
             }
-            Err(e) => Verdict::from_qemu(false, &e),
-        },
+        }
     }
 }
 
@@ -308,13 +324,19 @@ pub fn run_qlock(access: Access, s: &Scratch) -> Verdict {
     }
 }
 
-fn flags(cmd: &mut Command, read_only: bool, force_share: bool) {
-    if read_only {
-        cmd.arg("-r");
-    }
-    if force_share {
-        cmd.arg("-U");
-    }
+/// The bytes `ImageLock` holds for `access` on the (unheld) image, seen from outside with
+/// [`qlock_core::inspect`]. The qlock holder rows are testkit processes holding the bytes of
+/// `access`; this ties them to what qlock itself holds.
+///
+/// # Errors
+/// The acquisition's or the inspection's error.
+pub fn qlock_holds(access: Access, s: &Scratch) -> Result<LockSet, String> {
+    let _gate = FORK_GATE.write().unwrap_or_else(|e| e.into_inner());
+    let opts = LockOptions { find_holders: false, ..LockOptions::default() };
+    let lock = ImageLock::acquire_with(&s.image, access, &opts).map_err(|e| e.to_string())?;
+    let seen = qlock_core::inspect(&[&s.image]).remove(0).map_err(|e| e.to_string())?;
+    drop(lock);
+    Ok(seen.others.held)
 }
 
 fn nbd(
@@ -329,7 +351,7 @@ fn nbd(
     let _ = fs::remove_file(&pid_file);
     let err = fs::File::create(&err_file).map_err(|e| e.to_string())?;
     let mut cmd = build.command("qemu-nbd");
-    cmd.args(["-f", format.name(), "--fork", "--pid-file"]).arg(&pid_file).arg("-k");
+    cmd.args(["-f", format.as_str(), "--fork", "--pid-file"]).arg(&pid_file).arg("-k");
     cmd.arg(s.path(&format!("nbd-{role}.sock")));
     if read_only {
         cmd.arg("-r");
@@ -346,24 +368,7 @@ fn nbd(
         .trim()
         .parse()
         .map_err(|e| format!("qemu-nbd pid file: {e}"))?;
-    Ok(Running { child: None, stdin: None, daemon: Some(Pid::from_raw(pid)) })
-}
-
-fn qsd(build: &QemuBuild, format: Format, writable: bool, s: &Scratch) -> Command {
-    let ro = if writable { "" } else { ",read-only=on" };
-    let role = if writable { "rw" } else { "ro" };
-    let mut cmd = build.command("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!("driver=file,node-name=f,filename={}{ro}", s.image_str()))
-        .arg("--blockdev")
-        .arg(format!("driver={},node-name=n,file=f{ro}", format.name()))
-        .arg("--nbd-server")
-        .arg(format!("addr.type=unix,addr.path={}", s.path(&format!("qsd-{role}.sock")).display()))
-        .arg("--export")
-        .arg(format!("type=nbd,id=e,node-name=n,writable={}", if writable { "on" } else { "off" }))
-        // Last, so that its greeting comes after everything above is set up.
-        .args(["--chardev", "stdio,id=mon", "--monitor", "chardev=mon"]);
-    cmd
+    Ok(Running(Some(Live::Daemon(Pid::from_raw(pid)))))
 }
 
 /// Spawns `cmd` with piped stdio and calls `ready` on its stdout. Not ready: the process is
@@ -378,7 +383,6 @@ fn spawn_until(
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     let mut reader = BufReader::new(stdout);
     if ready(&mut stdin, &mut reader) {
-        let stdin = Some(stdin);
         // Keep draining stdout so that a chatty child never blocks on a full pipe.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut reader, &mut std::io::sink());
@@ -390,7 +394,7 @@ fn spawn_until(
                 let _ = std::io::copy(&mut e, &mut std::io::sink());
             }
         });
-        return Ok(Running { child: Some(child), stdin, daemon: None });
+        return Ok(Running(Some(Live::Child { child, _stdin: stdin })));
     }
     drop(stdin);
     let _ = child.kill();
@@ -400,22 +404,6 @@ fn spawn_until(
     }
     let _ = child.wait();
     Err(err)
-}
-
-fn read_until_prompt(out: &mut impl Read, prompt: &[u8]) -> bool {
-    let mut seen = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        match out.read(&mut byte) {
-            Ok(0) | Err(_) => return false,
-            Ok(_) => {
-                seen.push(byte[0]);
-                if seen.ends_with(prompt) {
-                    return true;
-                }
-            }
-        }
-    }
 }
 
 /// QMP handshake: after the greeting, a command's reply can only come from the main loop,

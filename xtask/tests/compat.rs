@@ -1,8 +1,6 @@
 //! The differential check itself, on a small slice of the matrix against the QEMU on PATH:
 //! it agrees with the real presets, and catches a preset whose access was tampered with.
 
-use std::path::PathBuf;
-
 use qlock_core::Access;
 use xtask::compat::{self, Options};
 use xtask::qemu::QemuBuild;
@@ -15,7 +13,6 @@ fn options(mutate: Vec<(String, Access)>) -> Options {
             .map(String::from)
             .to_vec(),
         mutate,
-        xtask: PathBuf::from(env!("CARGO_BIN_EXE_xtask")),
     }
 }
 

@@ -28,6 +28,9 @@ pub(crate) struct Real {
     _dir: TempDir,
 }
 
+/// The empty firmware image a paused VM maps, in the holder's temporary directory.
+const EMPTY_BIOS: &str = "empty-bios.bin";
+
 /// How to run a front end for real.
 struct Plan {
     program: &'static str,
@@ -73,11 +76,15 @@ fn plan(fe: FrontEnd, format: Format, image: &Path, dir: &Path) -> Result<Plan> 
     let vm = |readonly: bool, share_rw: bool| {
         let ro = if readonly { ",readonly=on" } else { "" };
         let share = if share_rw { ",share-rw=on" } else { "" };
+        // The CPU never runs (-S), but the pc machine wants a firmware image to map: an empty
+        // one (written by `spawn`) spares a dependency on the distribution's SeaBIOS files.
         let args = vec![
-            "-M".into(),
-            "q35".into(),
+            "-machine".into(),
+            "pc".into(),
             "-accel".into(),
             "tcg".into(),
+            "-bios".into(),
+            qemu_path(&dir.join(EMPTY_BIOS)),
             "-S".into(),
             "-nodefaults".into(),
             "-display".into(),
@@ -147,6 +154,10 @@ impl Real {
             tempfile::Builder::new().prefix("qlock-testkit-").tempdir().map_err(Error::io("temp dir"))?;
         let plan = plan(fe, format, image, dir.path())?;
         let program = find_program(plan.program, bin_dir)?;
+        if plan.program == "qemu-system-x86_64" {
+            std::fs::write(dir.path().join(EMPTY_BIOS), vec![0u8; 64 * 1024])
+                .map_err(Error::io("write firmware"))?;
+        }
         if let Some(backing_format) = plan.overlay_of {
             let qemu_img = find_program("qemu-img", bin_dir)?;
             let overlay = dir.path().join("overlay.qcow2");
@@ -176,23 +187,16 @@ impl Real {
         let (Some(stdin), Some(mut stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(Error::Unsupported("running QEMU without pipes"));
         };
-        let marker: &[u8] = if plan.qmp { b"{\"QMP\"" } else { b"qemu-io> " };
+        let mut stdin = stdin;
         let mut seen = Vec::new();
-        let mut chunk = [0u8; 512];
-        loop {
-            let n = stdout.read(&mut chunk).map_err(Error::io("read QEMU's output"))?;
-            if n == 0 {
-                let status = child.wait().ok();
-                let mut err = Vec::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_end(&mut err);
-                }
-                return Err(qemu_failed(plan.program, status, &err));
-            }
-            seen.extend_from_slice(&chunk[..n]);
-            if seen.windows(marker.len()).any(|w| w == marker) {
-                break;
-            }
+        if plan.qmp {
+            // qemu-system greets before it creates its drives, but answers commands only from its
+            // main loop, after every drive is open and locked: a round trip is the handshake.
+            read_until(&mut child, &mut stdout, &mut seen, b"{\"QMP\"", plan.program)?;
+            stdin.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").map_err(Error::io("write QMP"))?;
+            read_until(&mut child, &mut stdout, &mut seen, b"\"return\"", plan.program)?;
+        } else {
+            read_until(&mut child, &mut stdout, &mut seen, b"qemu-io> ", plan.program)?;
         }
         Ok(Real { child, stdin: Some(stdin), _stdout: stdout, qmp: plan.qmp, _dir: dir })
     }
@@ -205,7 +209,7 @@ impl Real {
     pub(crate) fn release(&mut self) -> Result<ExitStatus> {
         if let Some(mut stdin) = self.stdin.take() {
             let msg: &[u8] = if self.qmp {
-                b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n"
+                b"{\"execute\":\"quit\"}\n" // capabilities were negotiated at spawn
             } else {
                 b"quit\n"
             };
@@ -232,4 +236,30 @@ fn qemu_failed(program: &str, status: Option<ExitStatus>, stderr: &[u8]) -> Erro
         status,
         message: String::from_utf8_lossy(stderr).trim().to_string(),
     }
+}
+
+/// Reads QEMU's stdout into `seen` until `marker` appears after what `seen` already held; a
+/// QEMU that exits first is an error carrying its stderr.
+fn read_until(
+    child: &mut Child,
+    stdout: &mut ChildStdout,
+    seen: &mut Vec<u8>,
+    marker: &[u8],
+    program: &str,
+) -> Result<()> {
+    let from = seen.len();
+    let mut chunk = [0u8; 512];
+    while !seen[from..].windows(marker.len()).any(|w| w == marker) {
+        let n = stdout.read(&mut chunk).map_err(Error::io("read QEMU's output"))?;
+        if n == 0 {
+            let status = child.wait().ok();
+            let mut err = Vec::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_end(&mut err);
+            }
+            return Err(qemu_failed(program, status, &err));
+        }
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
 }

@@ -1,17 +1,17 @@
 //! Starting holders with a readiness handshake, and running newcomers to a [`Verdict`].
 //!
 //! Handshakes, never sleeps. qlock-testkit starts the qlock and foreign holders (forked
-//! processes that answer once they hold their locks) and the real `qemu-io` and
-//! `qemu-storage-daemon` holders (ready at QEMU's own prompt or QMP greeting). What the testkit
-//! does not run is started here: `qemu-nbd --fork` exits its parent once serving, and
-//! `qemu-system` answers a QMP command only from its main loop, after setting up its drives.
+//! processes that answer once they hold their locks) and the real `qemu-io`,
+//! `qemu-storage-daemon` and paused `qemu-system` holders (ready at qemu-io's prompt, or when
+//! QMP answers a command: that happens only in QEMU's main loop, after the drives are set up).
+//! What the testkit does not run is started here: `qemu-nbd --fork` exits its parent once
+//! serving.
 //! Daemonised `qemu-nbd` children are reaped because the compat run makes itself a child
 //! subreaper ([`become_subreaper`]).
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::RwLock;
 
 use nix::sys::signal::{Signal, kill};
@@ -114,8 +114,6 @@ pub struct Running(Option<Live>);
 
 #[derive(Debug)]
 enum Live {
-    /// Started here with piped stdio (a VM).
-    Child { child: Child, _stdin: ChildStdin },
     /// A `qemu-nbd --fork` daemon, adopted by this subreaper.
     Daemon(Pid),
     /// A qlock-testkit holder, fake or real; its drop kills and reaps it.
@@ -130,10 +128,6 @@ impl Running {
 
     fn shutdown(&mut self) {
         match self.0.take() {
-            Some(Live::Child { mut child, .. }) => {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
             Some(Live::Daemon(pid)) => {
                 let _ = kill(pid, Signal::SIGKILL);
                 let _ = waitpid(pid, None);
@@ -187,30 +181,12 @@ pub fn create_image(build: &QemuBuild, scratch: &Scratch) -> Result<(), String> 
 /// # Errors
 /// The front end's own message when it did not get ready.
 pub fn start_qemu(build: &QemuBuild, h: &QemuHolder, s: &Scratch) -> Result<Running, String> {
-    let f = h.format.as_str();
     match h.kind {
-        HolderKind::Io { .. } | HolderKind::Qsd { .. } => {
+        HolderKind::Io { .. } | HolderKind::Qsd { .. } | HolderKind::Vm { .. } => {
             start_testkit(build.holder(&s.image).front_end(h.kind.front_end(), h.format), true)
                 .map_err(|e| e.to_string())
         }
         HolderKind::Nbd { read_only } => nbd(build, h.format, read_only, s, "holder"),
-        HolderKind::Vm { readonly, share_rw } => {
-            let bios = s.path("empty-bios.bin");
-            // The CPU never runs (-S), but the pc machine wants a firmware image to map.
-            fs::write(&bios, vec![0u8; 64 * 1024]).map_err(|e| e.to_string())?;
-            let mut cmd = build.command("qemu-system-x86_64");
-            cmd.args(["-S", "-nodefaults", "-display", "none", "-machine", "pc", "-accel", "tcg", "-bios"])
-                .arg(&bios)
-                .args(["-chardev", "stdio,id=mon", "-mon", "chardev=mon,mode=control", "-drive"])
-                .arg(format!(
-                    "file={},format={f},if=none,id=d0{}",
-                    s.image_str(),
-                    if readonly { ",readonly=on" } else { "" }
-                ))
-                .arg("-device")
-                .arg(format!("virtio-blk-pci,drive=d0{}", if share_rw { ",share-rw=on" } else { "" }));
-            spawn_until(cmd, qmp_ready)
-        }
     }
 }
 
@@ -369,63 +345,6 @@ fn nbd(
         .parse()
         .map_err(|e| format!("qemu-nbd pid file: {e}"))?;
     Ok(Running(Some(Live::Daemon(Pid::from_raw(pid)))))
-}
-
-/// Spawns `cmd` with piped stdio and calls `ready` on its stdout. Not ready: the process is
-/// reaped and its stderr returned as the error.
-fn spawn_until(
-    mut cmd: Command,
-    ready: impl FnOnce(&mut ChildStdin, &mut BufReader<ChildStdout>) -> bool,
-) -> Result<Running, String> {
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = spawn(&mut cmd).map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut stdin = child.stdin.take().ok_or("no stdin")?;
-    let mut reader = BufReader::new(stdout);
-    if ready(&mut stdin, &mut reader) {
-        // Keep draining stdout so that a chatty child never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        // Errors after readiness do not matter; stderr is not read again.
-        let stderr = child.stderr.take();
-        std::thread::spawn(move || {
-            if let Some(mut e) = stderr {
-                let _ = std::io::copy(&mut e, &mut std::io::sink());
-            }
-        });
-        return Ok(Running(Some(Live::Child { child, _stdin: stdin })));
-    }
-    drop(stdin);
-    let _ = child.kill();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    let _ = child.wait();
-    Err(err)
-}
-
-/// QMP handshake: after the greeting, a command's reply can only come from the main loop,
-/// which starts once the whole command line (drives, devices, exports) has been set up. The
-/// greeting alone is not enough: qemu-system sends it before creating its drives.
-fn qmp_ready(stdin: &mut ChildStdin, out: &mut BufReader<ChildStdout>) -> bool {
-    let mut line = String::new();
-    if !matches!(out.read_line(&mut line), Ok(n) if n > 0) || !line.contains("\"QMP\"") {
-        return false;
-    }
-    let cmds = "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-version\",\"id\":\"ready\"}\n";
-    if stdin.write_all(cmds.as_bytes()).and_then(|()| stdin.flush()).is_err() {
-        return false;
-    }
-    loop {
-        line.clear();
-        match out.read_line(&mut line) {
-            Ok(0) | Err(_) => return false,
-            Ok(_) if line.contains("\"ready\"") => return line.contains("\"return\""),
-            Ok(_) => {}
-        }
-    }
 }
 
 #[cfg(test)]

@@ -49,19 +49,14 @@ fn image(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// Mean time per call of `f`, best of [`ROUNDS`] rounds of `n`.
-fn per_call(n: u32, mut f: impl FnMut()) -> Duration {
-    (0..ROUNDS)
-        .map(|_| {
-            let t = Instant::now();
-            (0..n).for_each(|_| f());
-            t.elapsed() / n
-        })
-        .min()
-        .unwrap()
+/// Mean time per call of `n` calls of `f` (given the call's index).
+fn timed(n: u32, mut f: impl FnMut(u32)) -> Duration {
+    let t = Instant::now();
+    (0..n).for_each(&mut f);
+    t.elapsed() / n
 }
 
-/// [`per_call`] for an async `f`: mean time per call, best of `rounds` rounds of `n`.
+/// [`timed`] for an async `f`: mean time per call, best of `rounds` rounds of `n`.
 async fn per_call_async<F: Future<Output = ()>>(rounds: u32, n: u32, mut f: impl FnMut() -> F) -> Duration {
     let mut best = Duration::MAX;
     for _ in 0..rounds {
@@ -135,46 +130,41 @@ fn overhead(rt: &str, block_on: BlockOn, dir: &Path) {
 }
 
 fn guard_ops(rt: &str, block_on: BlockOn, dir: &Path) {
-    let path = image(dir, &format!("guard-{rt}.img"));
+    // One image for the sync guard, one for the async guard, so their rounds can interleave.
+    let (sync_path, async_path) =
+        (image(dir, &format!("sync-{rt}.img")), image(dir, &format!("async-{rt}.img")));
     let n = 20_000;
     let flip = |i: u32| if i % 2 == 0 { Access::WRITE } else { Access::READ };
-    let mut sync = qlock_core::ImageLock::acquire(&path, Access::FORCE_SHARE).unwrap();
-    let mut i = 0;
-    let sync_change = per_call(n, || {
-        i += 1;
-        sync.set_access(flip(i)).unwrap();
-    });
-    sync.set_access(Access::FORCE_SHARE).unwrap();
-    // A failing retry: someone else writes, we ask for write without naming holders (what each
-    // attempt of a wait does).
-    let other = qlock_core::ImageLock::acquire(&path, Access::WRITE_SHARED).unwrap();
-    let sync_retry = per_call(n, || assert!(sync.try_set_access(Access::WRITE).is_err()));
-    drop((sync, other));
-
-    let (mut async_change, mut async_retry) = (Duration::ZERO, Duration::ZERO);
+    // [sync change, async change, sync retry, async retry], best of ROUNDS interleaved rounds.
+    let mut best = [Duration::MAX; 4];
     block_on(Box::pin(async {
-        let mut guard = qlock_async_std::ImageLock::acquire(&path, Access::FORCE_SHARE).await.unwrap();
+        let mut sync = qlock_core::ImageLock::acquire(&sync_path, Access::FORCE_SHARE).unwrap();
+        let mut guard = qlock_async_std::ImageLock::acquire(&async_path, Access::FORCE_SHARE).await.unwrap();
         assert!(guard.is_local(), "the bench needs a local filesystem for its temp dir");
-        // Inline loops: a closure cannot hand out futures that borrow the guard mutably.
-        async_change = Duration::MAX;
         for _ in 0..ROUNDS {
+            best[0] = best[0].min(timed(n, |i| sync.set_access(flip(i)).unwrap()));
             let t = Instant::now();
             for i in 0..n {
-                guard.set_access(flip(i + 1)).await.unwrap();
+                guard.set_access(flip(i)).await.unwrap();
             }
-            async_change = async_change.min(t.elapsed() / n);
+            best[1] = best[1].min(t.elapsed() / n);
         }
+        sync.set_access(Access::FORCE_SHARE).unwrap();
         guard.set_access(Access::FORCE_SHARE).await.unwrap();
-        let _other = qlock_core::ImageLock::acquire(&path, Access::WRITE_SHARED).unwrap();
-        async_retry = Duration::MAX;
+        // A failing retry: someone else writes, we ask for write without naming holders (what
+        // each attempt of a wait does).
+        let _others = [&sync_path, &async_path]
+            .map(|p| qlock_core::ImageLock::acquire(p, Access::WRITE_SHARED).unwrap());
         for _ in 0..ROUNDS {
+            best[2] = best[2].min(timed(n, |_| assert!(sync.try_set_access(Access::WRITE).is_err())));
             let t = Instant::now();
             for _ in 0..n {
                 assert!(guard.try_set_access(Access::WRITE).await.is_err());
             }
-            async_retry = async_retry.min(t.elapsed() / n);
+            best[3] = best[3].min(t.elapsed() / n);
         }
     }));
+    let [sync_change, async_change, sync_retry, async_retry] = best;
     println!("== {rt}: on an open guard, local filesystem, {n} x best of {ROUNDS}");
     println!("access change   sync {}  async {}", us(sync_change), us(async_change));
     println!("failing retry   sync {}  async {}", us(sync_retry), us(async_retry));

@@ -57,25 +57,12 @@ macro_rules! scenario_tests {
                 $crate::support::scenarios::contend_role::<$h> as fn())),+]);
         }
 
-        #[test]
-        fn acquire_conflicts_name_the_holder_and_access_changes_follow_qemu() {
-            $($crate::support::scenarios::acquire_conflicts_name_the_holder_and_access_changes_follow_qemu::<$h>();)+
-        }
-
-        #[test]
-        fn a_waiter_gets_in_when_the_holder_quits_or_is_killed() {
-            $($crate::support::scenarios::a_waiter_gets_in_when_the_holder_quits_or_is_killed::<$h>();)+
-        }
-
-        #[test]
-        fn the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits() {
-            $($crate::support::scenarios::the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits::<$h>();)+
-        }
-
-        #[test]
-        fn an_expiring_deadline_names_the_holders_and_leaves_nothing_held() {
-            $($crate::support::scenarios::an_expiring_deadline_names_the_holders_and_leaves_nothing_held::<$h>();)+
-        }
+        $crate::scenario_tests!(@each [$($h),+]
+            acquire_conflicts_name_the_holder_and_access_changes_follow_qemu,
+            a_waiter_gets_in_when_the_holder_quits_or_is_killed,
+            the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits,
+            an_expiring_deadline_names_the_holders_and_leaves_nothing_held,
+        );
 
         #[test]
         fn cancellation_torture_leaks_no_lock() {
@@ -89,6 +76,16 @@ macro_rules! scenario_tests {
             $crate::support::scenarios::contending_processes_never_overlap_and_all_finish(&[
                 $(<$h as $crate::support::scenarios::Harness>::NAME),+
             ]);
+        }
+    };
+    // One test per scenario, running it on each harness in turn.
+    (@each $hs:tt $($name:ident),+ $(,)?) => {
+        $($crate::scenario_tests!(@one $hs $name);)+
+    };
+    (@one [$($h:ty),+] $name:ident) => {
+        #[test]
+        fn $name() {
+            $($crate::support::scenarios::$name::<$h>();)+
         }
     };
 }

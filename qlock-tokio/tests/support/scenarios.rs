@@ -208,12 +208,18 @@ pub fn a_waiter_gets_in_when_the_holder_quits_or_is_killed<H: Harness>() {
             end(vm, how);
             waiter.await.unwrap()
         });
-        let (held, pids) = held_from_another_process(&path);
-        assert_eq!(held.to_string(), "100 101 103 | 201 203", "{how:?}");
-        assert_eq!(pids, [std::process::id()]);
-        drop(guard);
-        assert!(held_from_another_process(&path).0.is_empty());
+        held_alone_then_nothing(&path, guard, "100 101 103 | 201 203", how);
     }
+}
+
+/// From another process: `guard` holds exactly `bytes` on `path`, with this process the only
+/// holder; once it is dropped, nothing is held.
+fn held_alone_then_nothing<T>(path: &Path, guard: T, bytes: &str, case: End) {
+    let (held, pids) = held_from_another_process(path);
+    assert_eq!(held.to_string(), bytes, "{case:?}");
+    assert_eq!(pids, [std::process::id()], "{case:?}");
+    drop(guard);
+    assert!(held_from_another_process(path).0.is_empty(), "{case:?}");
 }
 
 /// Without the inotify hint these waiters would sleep 30-60 s between attempts; the scenario
@@ -234,11 +240,7 @@ pub fn the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits<H: Harne
             end(vm, how);
             let guard = H::timeout(Duration::from_secs(20), waiter).await.expect("hint missed").unwrap();
             assert_eq!(guard.access(), access);
-            let (held, pids) = held_from_another_process(&path);
-            assert_eq!(held.to_string(), bytes, "{how:?}");
-            assert_eq!(pids, [std::process::id()]);
-            drop(guard);
-            assert!(held_from_another_process(&path).0.is_empty());
+            held_alone_then_nothing(&path, guard, bytes, how);
         });
     }
 }

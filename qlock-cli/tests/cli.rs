@@ -1,8 +1,11 @@
 //! The `qlock` binary against real QEMU processes on real images.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use qlock_testkit::fixtures::TempImage;
+use qlock_testkit::{FakeQemu, Format, FrontEnd};
 
 const QLOCK: &str = env!("CARGO_BIN_EXE_qlock");
 
@@ -20,60 +23,17 @@ macro_rules! need_qemu {
     };
 }
 
-struct Image {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
+fn qcow2() -> TempImage {
+    TempImage::new(Format::Qcow2).expect("qemu-img create")
 }
 
-fn qcow2() -> Image {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("base.qcow2");
-    let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&path).arg("1M").output();
-    assert!(out.expect("qemu-img").status.success());
-    Image { _dir: dir, path }
+fn raw() -> TempImage {
+    TempImage::new(Format::Raw).expect("raw image")
 }
 
-fn raw() -> Image {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("disk.img");
-    std::fs::write(&path, vec![0u8; 4096]).expect("write");
-    Image { _dir: dir, path }
-}
-
-/// A real `qemu-io` holding `path`; returns once the image is open (its prompt appeared).
-struct QemuIo(Child);
-
-impl QemuIo {
-    fn hold(path: &Path, args: &[&str]) -> QemuIo {
-        let mut child = Command::new("qemu-io")
-            .args(args)
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io");
-        let mut out = child.stdout.take().expect("stdout");
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"qemu-io> ") {
-            assert_eq!(
-                out.read(&mut byte).expect("read"),
-                1,
-                "qemu-io exited: {}",
-                String::from_utf8_lossy(&seen)
-            );
-            seen.push(byte[0]);
-        }
-        QemuIo(child)
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A real QEMU front end holding `img`, through the testkit: ready once its prompt showed.
+fn real(img: &TempImage, front_end: FrontEnd) -> FakeQemu {
+    FakeQemu::real(img, front_end, img.format()).unwrap_or_else(|e| panic!("real {front_end}: {e}"))
 }
 
 fn qlock(args: &[&str], image: &Path) -> Output {
@@ -97,35 +57,35 @@ fn qemu_message(o: &Output) -> String {
 fn check_agrees_with_qemu_io_against_a_real_qemu_holder() {
     need_qemu!();
     let img = qcow2();
-    let _vm = QemuIo::hold(&img.path, &["-f", "qcow2"]);
+    let _vm = real(&img, FrontEnd::QemuIoRw);
     // (preset, the qemu-io newcomer with the same access)
     for (preset, qemu_args) in [("read", &["-r", "-f", "qcow2"][..]), ("write", &["-f", "qcow2"][..])] {
-        let ours = qlock(&["check", "--access", preset], &img.path);
+        let ours = qlock(&["check", "--access", preset], img.path());
         let theirs =
-            Command::new("qemu-io").args(qemu_args).args(["-c", "quit"]).arg(&img.path).output().unwrap();
+            Command::new("qemu-io").args(qemu_args).args(["-c", "quit"]).arg(img.path()).output().unwrap();
         assert_eq!(ours.status.code(), Some(1), "{}", stderr(&ours));
         assert!(!theirs.status.success());
         assert_eq!(qemu_message(&ours), qemu_message(&theirs), "{preset}");
         assert!(stderr(&ours).contains("(qemu-io)"), "names the holder: {}", stderr(&ours));
     }
-    let ours = qlock(&["check", "--access", "force-share"], &img.path);
+    let ours = qlock(&["check", "--access", "force-share"], img.path());
     assert_eq!(ours.status.code(), Some(0), "{}", stderr(&ours));
 }
 
 #[test]
 fn check_reports_bad_input_with_exit_2() {
     let img = raw();
-    let missing = img.path.with_file_name("missing.img");
+    let missing = img.path().with_file_name("missing.img");
     let o = qlock(&["check", "--access", "read"], &missing);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("No such file or directory"), "{}", stderr(&o));
-    let o = qlock(&["check", "--access", "read"], img.path.parent().unwrap());
+    let o = qlock(&["check", "--access", "read"], img.path().parent().unwrap());
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("Is a directory"));
-    let o = qlock(&["check", "--access", "bogus"], &img.path);
+    let o = qlock(&["check", "--access", "bogus"], img.path());
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("unknown access preset"));
-    let o = qlock(&["check", "--perm", "write", "--share", "consistent-read"], &img.path);
+    let o = qlock(&["check", "--perm", "write", "--share", "consistent-read"], img.path());
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
@@ -137,16 +97,16 @@ fn run_holds_the_locks_for_the_command_only_and_passes_its_status() {
     let script = r#"qemu-io -f qcow2 -c quit "$1" 2>&1; echo "child=$$"; exit 7"#;
     let o = Command::new(QLOCK)
         .args(["run", "--access", "write"])
-        .arg(&img.path)
+        .arg(img.path())
         .args(["--", "sh", "-c", script, "sh"])
-        .arg(&img.path)
+        .arg(img.path())
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(7), "{out} {}", stderr(&o));
     assert!(out.contains("Failed to get \"write\" lock"), "{out}");
     // After qlock exits, the image is free again.
-    let after = Command::new("qemu-io").args(["-f", "qcow2", "-c", "quit"]).arg(&img.path).output().unwrap();
+    let after = Command::new("qemu-io").args(["-f", "qcow2", "-c", "quit"]).arg(img.path()).output().unwrap();
     assert!(after.status.success(), "{}", stderr(&after));
 }
 
@@ -157,9 +117,9 @@ fn run_does_not_leak_the_locks_into_the_command() {
     let script = r#"echo "me=$$ parent=$PPID"; "$0" status --json "$1""#;
     let o = Command::new(QLOCK)
         .args(["run", "--access", "write"])
-        .arg(&img.path)
+        .arg(img.path())
         .args(["--", "sh", "-c", script, QLOCK])
-        .arg(&img.path)
+        .arg(img.path())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -179,16 +139,16 @@ fn run_is_all_or_nothing_over_several_images() {
     need_qemu!();
     let free = qcow2();
     let busy = qcow2();
-    let _vm = QemuIo::hold(&busy.path, &["-f", "qcow2"]);
+    let _vm = real(&busy, FrontEnd::QemuIoRw);
     let o = Command::new(QLOCK)
         .args(["run", "--access", "read", "--conflict-exit-code", "75"])
-        .args([&free.path, &busy.path])
+        .args([free.path(), busy.path()])
         .args(["--", "true"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
     assert!(stderr(&o).contains("Failed to get shared \"write\" lock"));
-    let s = qlock(&["status", "--json"], &free.path);
+    let s = qlock(&["status", "--json"], free.path());
     let v: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
     assert_eq!(v["images"][0]["holders"], serde_json::json!([]), "first image left locked");
 }
@@ -197,8 +157,8 @@ fn run_is_all_or_nothing_over_several_images() {
 fn wait_times_out_naming_the_holder_then_gets_in_when_it_exits() {
     need_qemu!();
     let img = qcow2();
-    let vm = QemuIo::hold(&img.path, &["-f", "qcow2"]);
-    let o = qlock(&["wait", "--access", "read", "--timeout", "0.2"], &img.path);
+    let vm = real(&img, FrontEnd::QemuIoRw);
+    let o = qlock(&["wait", "--access", "read", "--timeout", "0.2"], img.path());
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(err.contains("Timed out") && err.contains("Failed to get shared \"write\" lock"), "{err}");
@@ -206,7 +166,7 @@ fn wait_times_out_naming_the_holder_then_gets_in_when_it_exits() {
 
     let mut waiter = Command::new(QLOCK)
         .args(["wait", "--access", "read", "--timeout", "60"])
-        .arg(&img.path)
+        .arg(img.path())
         .env("QLOCK_LOG", "debug")
         .stderr(Stdio::piped())
         .spawn()
@@ -223,8 +183,8 @@ fn wait_times_out_naming_the_holder_then_gets_in_when_it_exits() {
 fn status_json_describes_holders_and_presets() {
     need_qemu!();
     let img = raw();
-    let _writer = QemuIo::hold(&img.path, &["-f", "raw"]); // raw rw: 100 101, shares everything
-    let o = qlock(&["status", "--json"], &img.path);
+    let _writer = real(&img, FrontEnd::QemuIoRw); // raw rw: 100 101, shares everything
+    let o = qlock(&["status", "--json"], img.path());
     assert!(o.status.success());
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let image = &v["images"][0];
@@ -241,8 +201,8 @@ fn status_json_describes_holders_and_presets() {
         assert_eq!(image["presets"][busy]["message"], "Failed to get shared \"write\" lock");
         assert_eq!(image["presets"][busy]["byte"], 101);
     }
-    let missing = img.path.with_file_name("nope");
-    let o = Command::new(QLOCK).args(["status", "--json"]).arg(&img.path).arg(&missing).output().unwrap();
+    let missing = img.path().with_file_name("nope");
+    let o = Command::new(QLOCK).args(["status", "--json"]).arg(img.path()).arg(&missing).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["images"][1]["error"].as_str().unwrap().contains("No such file"));

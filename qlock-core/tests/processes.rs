@@ -19,6 +19,7 @@ use qlock_core::error::ConflictReason;
 use qlock_core::holders::inspect;
 use qlock_core::plan::{Check, Others, decide};
 use qlock_core::{Access, Backoff, Error, ImageLock, LockKind, LockOptions, LockSet, Locking, Perm, Verdict};
+use qlock_testkit::{FakeQemu, RawLock};
 
 /// Not a test: the body of the helper processes. Does nothing in a normal run.
 #[test]
@@ -287,7 +288,10 @@ fn foreign_locks_are_reported_as_such() {
     drop(raw);
 
     // POSIX read locks on 101 and 201 in another process (V24): seen, and named by pid.
-    let helper = common::hold_raw(&[&path], LockSet::new(Perm::WRITE, Perm::WRITE), LockSet::EMPTY, true);
+    let mut helper = FakeQemu::builder(&path)
+        .raw([RawLock::byte(101).posix(), RawLock::byte(201).posix()])
+        .spawn()
+        .unwrap();
     let st = inspect(&[&path]).remove(0).unwrap();
     assert_eq!(st.others.held, LockSet::new(Perm::WRITE, Perm::WRITE));
     let [h] = &st.holders[..] else { panic!("{:?}", st.holders) };
@@ -295,7 +299,7 @@ fn foreign_locks_are_reported_as_such() {
     let err = ImageLock::acquire(&path, Access::INFO).unwrap_err();
     assert_eq!(err.conflict().unwrap().qemu_message(), "Failed to get shared \"write\" lock");
     assert_eq!(err.conflict().unwrap().holders[0].pid, helper.pid());
-    helper.finish();
+    assert!(helper.release().unwrap().success());
 }
 
 #[test]

@@ -4,29 +4,20 @@
 //! Messages are compared from `Failed to` on: QEMU prefixes them with its front end
 //! (`qemu-io: can't open device PATH: `), qlock does not. Tests that need QEMU print `SKIPPED`
 //! and return when `qemu-img` / `qemu-io` / `qemu-nbd` are missing (CI installs qemu-utils).
-//! Every QEMU holder signals readiness itself: `qemu-io` prints its prompt once the image is
-//! open, `qemu-nbd --fork` returns once the export is up.
+//! Every QEMU holder signals readiness itself: `qemu-io` (run through qlock-testkit's
+//! `FakeQemu::real`) prints its prompt once the image is open, `qemu-nbd --fork` returns once
+//! the export is up. The "ext" holders of the vectors are qlock-testkit fakes taking raw locks.
 
 mod common;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{Helper, have, hold_raw, parse_bytes, set};
+use common::{have, parse_bytes, set};
 use qlock_core::holders::inspect;
 use qlock_core::plan::{Others, decide};
 use qlock_core::{Access, ImageLock, LockOptions, LockSet, Perm, Verdict};
-
-/// Not a test: the body of the helper processes. Does nothing in a normal run.
-#[test]
-fn child_role() {
-    common::run_role(|role| {
-        let paths: Vec<PathBuf> =
-            std::env::var("QLOCK_PATHS").unwrap_or_default().lines().map(PathBuf::from).collect();
-        assert!(common::standard_role(role, &paths), "unknown role {role}");
-    });
-}
+use qlock_testkit::{FakeQemu, Format, FrontEnd, RawLock};
 
 /// A qcow2 and a raw image of 1 MiB in a fresh directory.
 struct Images {
@@ -171,45 +162,11 @@ fn run_qlock(access: Access, path: &Path, dir: &Path) -> Outcome {
     Some(err.to_string().replace(&dir.display().to_string(), "DIR"))
 }
 
-/// A `qemu-io` process holding an image open, ready once it printed its prompt.
-struct QemuIo {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl QemuIo {
-    fn start(args: &[&str], path: &Path) -> QemuIo {
-        let mut child = Command::new("qemu-io")
-            .args(args)
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take();
-        let mut stdout = child.stdout.take().unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"qemu-io> ") {
-            if stdout.read(&mut byte).unwrap() == 0 {
-                drop(stdin);
-                let mut err = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut err).ok();
-                panic!("qemu-io {args:?} exited before its prompt: {err}");
-            }
-            seen.push(byte[0]);
-        }
-        QemuIo { child, stdin }
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        // qemu-io quits at the end of its input, closing the image.
-        self.stdin.take();
-        let _ = self.child.wait();
-    }
+/// A real `qemu-io` (`front_end`) holding `path`, through the testkit: ready once its prompt
+/// showed; killed and reaped on drop.
+fn qemu_io(front_end: FrontEnd, format: Format, path: &Path) -> FakeQemu {
+    FakeQemu::real(path, front_end, format)
+        .unwrap_or_else(|e| panic!("{front_end} on {}: {e}", path.display()))
 }
 
 /// A `qemu-nbd --fork` daemon exporting an image, terminated on drop.
@@ -242,32 +199,33 @@ impl Drop for QemuNbd {
     }
 }
 
-/// A holder of one of the real QEMU front ends.
+/// A holder of one of the real QEMU front ends: a `qemu-io` mode, or `qemu-nbd` (which the
+/// testkit does not run: it stands in with `qemu-storage-daemon`).
 #[derive(Clone, Copy)]
 enum Front {
-    Io(&'static [&'static str]),
+    Io(FrontEnd),
     Nbd,
 }
 
 /// QEMU front ends as holders, the access qlock takes for the same bytes, and the image format.
 const HOLDERS: &[(&str, Front, Access, bool)] = &[
-    ("qemu-io (qcow2)", Front::Io(&["-f", "qcow2"]), Access::WRITE, false),
-    ("qemu-io -r (qcow2)", Front::Io(&["-r", "-f", "qcow2"]), Access::READ, false),
-    ("qemu-io -r -U (qcow2)", Front::Io(&["-r", "-U", "-f", "qcow2"]), Access::FORCE_SHARE, false),
-    ("qemu-io (raw)", Front::Io(&["-f", "raw"]), Access::WRITE_SHARED, true),
-    ("qemu-io -r (raw)", Front::Io(&["-r", "-f", "raw"]), Access::FORCE_SHARE, true),
+    ("qemu-io (qcow2)", Front::Io(FrontEnd::QemuIoRw), Access::WRITE, false),
+    ("qemu-io -r (qcow2)", Front::Io(FrontEnd::QemuIoReadOnly), Access::READ, false),
+    ("qemu-io -r -U (qcow2)", Front::Io(FrontEnd::QemuIoForceShare), Access::FORCE_SHARE, false),
+    ("qemu-io (raw)", Front::Io(FrontEnd::QemuIoRw), Access::WRITE_SHARED, true),
+    ("qemu-io -r (raw)", Front::Io(FrontEnd::QemuIoReadOnly), Access::FORCE_SHARE, true),
     ("qemu-nbd (raw)", Front::Nbd, NBD_RAW, true),
 ];
 
 enum Running {
-    Io(QemuIo),
+    Io(FakeQemu),
     Nbd(QemuNbd),
 }
 
 impl Running {
     fn pid(&self) -> u32 {
         match self {
-            Running::Io(q) => q.child.id(),
+            Running::Io(q) => q.pid(),
             Running::Nbd(n) => n.pid as u32,
         }
     }
@@ -275,7 +233,10 @@ impl Running {
 
 fn start(front: Front, images: &Images, raw: bool) -> Running {
     match front {
-        Front::Io(args) => Running::Io(QemuIo::start(args, images.path(raw))),
+        Front::Io(fe) => {
+            let format = if raw { Format::Raw } else { Format::Qcow2 };
+            Running::Io(qemu_io(fe, format, images.path(raw)))
+        }
         Front::Nbd => Running::Nbd(QemuNbd::start(images.path(raw), images.dir.path())),
     }
 }
@@ -330,7 +291,7 @@ fn qemu_and_qlock_are_interchangeable_as_holders_and_newcomers() {
     }
 }
 
-/// One row of spec section 9 with an "ext" holder: raw OFD (or POSIX) locks in a helper
+/// One row of spec section 9 with an "ext" holder: raw OFD (or POSIX) locks in a fake holder
 /// process; the newcomer as a QEMU front end, and the answer QEMU 10.0.2 gave.
 struct Vector {
     id: &'static str,
@@ -396,6 +357,14 @@ const VECTORS: &[Vector] = &[
     v("V29", "201,203", "qemu-io", WRITE),
 ];
 
+/// A fake holder process taking the vector's raw read and write locks, OFD or POSIX.
+fn ext_holder(path: &Path, vector: &Vector) -> FakeQemu {
+    let kind = |l: RawLock| if vector.posix { l.posix() } else { l };
+    let read = parse_bytes(vector.read).bytes().map(|b| kind(RawLock::byte(b)));
+    let write = parse_bytes(vector.write).bytes().map(|b| kind(RawLock::byte(b).exclusive()));
+    FakeQemu::builder(path).raw(read.chain(write)).spawn().unwrap_or_else(|e| panic!("{}: {e}", vector.id))
+}
+
 /// The spec's vectors with "ext" holders: qlock's answer is the table's; where QEMU is
 /// installed, QEMU's answer (message and hint) is checked against qlock's too.
 #[test]
@@ -420,15 +389,14 @@ fn spec_vectors_with_external_holders() {
             None if n.raw => raw.clone(),
             None => qcow2.clone(),
         };
-        let holder: Helper =
-            hold_raw(&[&path], parse_bytes(vector.read), parse_bytes(vector.write), vector.posix);
+        let mut holder = ext_holder(&path, vector);
         let case = format!("{} ({} | W {}) {}", vector.id, vector.read, vector.write, n.name);
         let qlock = run_qlock(n.access, &path, path.parent().unwrap());
         assert_eq!(qlock.as_deref().and_then(|m| m.lines().next()), vector.expect, "{case}");
         if let Some(images) = &images {
             assert_eq!(run_qemu(n, images), qlock, "QEMU against {case}");
         }
-        holder.finish();
+        assert!(holder.release().unwrap().success(), "{case}: the holder failed");
     }
     if !qemu {
         eprintln!("SKIPPED: the QEMU side of the vectors (qemu-img / qemu-io missing)");
@@ -459,7 +427,7 @@ fn v25_reopen_for_writing_is_refused_and_rolled_back() {
         return;
     }
     let images = Images::new();
-    let _holder = QemuIo::start(&["-r", "-f", "qcow2"], &images.qcow2);
+    let _holder = qemu_io(FrontEnd::QemuIoReadOnly, Format::Qcow2, &images.qcow2);
     let out = Command::new("qemu-io")
         .args(["-r", "-f", "qcow2", "-c", "reopen -w"])
         .arg(&images.qcow2)
@@ -481,7 +449,7 @@ fn v30_locking_off_ignores_a_qemu_writer() {
         return;
     }
     let images = Images::new();
-    let _qemu = QemuIo::start(&["-f", "qcow2"], &images.qcow2);
+    let _qemu = qemu_io(FrontEnd::QemuIoRw, Format::Qcow2, &images.qcow2);
     let off = LockOptions { locking: qlock_core::Locking::Off, ..LockOptions::default() };
     let guard = ImageLock::acquire_with(&images.qcow2, Access::WRITE, &off).unwrap();
     assert_eq!(inspect(&[&images.qcow2]).remove(0).unwrap().holders.len(), 1, "only qemu-io holds");

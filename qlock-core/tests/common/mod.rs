@@ -287,11 +287,6 @@ pub(crate) fn parse_bytes(list: &str) -> LockSet {
     s
 }
 
-/// Formats a [`LockSet`] as [`parse_bytes`] reads it.
-pub(crate) fn bytes_list(s: LockSet) -> String {
-    s.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join(",")
-}
-
 /// `QLOCK_PATHS` for a helper: one path a line.
 pub(crate) fn paths_env(paths: &[&Path]) -> (&'static str, String) {
     ("QLOCK_PATHS", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n"))
@@ -300,16 +295,6 @@ pub(crate) fn paths_env(paths: &[&Path]) -> (&'static str, String) {
 /// A helper process holding `access` on every path with [`ImageLock`].
 pub(crate) fn hold(paths: &[&Path], access: Access) -> Helper {
     Helper::start("hold", &[paths_env(paths), ("QLOCK_ACCESS", access.to_string())])
-}
-
-/// A helper process holding raw `read` / `write` locks on every path, POSIX locks if `posix`.
-pub(crate) fn hold_raw(paths: &[&Path], read: LockSet, write: LockSet, posix: bool) -> Helper {
-    let mut env =
-        vec![paths_env(paths), ("QLOCK_READ", bytes_list(read)), ("QLOCK_WRITE", bytes_list(write))];
-    if posix {
-        env.push(("QLOCK_POSIX", "1".into()));
-    }
-    Helper::start("raw", &env)
 }
 
 /// The roles every test binary's `child_role` plays; `false` for a role it does not know.
@@ -322,20 +307,6 @@ pub(crate) fn standard_role(role: &str, paths: &[PathBuf]) -> bool {
             let opts = LockOptions { force_posix: posix, locking: Locking::On, ..LockOptions::default() };
             let _guards: Vec<ImageLock> =
                 paths.iter().map(|p| ImageLock::acquire_with(p, access, &opts).unwrap()).collect();
-            ready_and_wait();
-        }
-        // Takes raw read (QLOCK_READ) and write (QLOCK_WRITE) locks.
-        "raw" => {
-            let read = parse_bytes(&std::env::var("QLOCK_READ").unwrap_or_default());
-            let write = parse_bytes(&std::env::var("QLOCK_WRITE").unwrap_or_default());
-            let _raw: Vec<Raw> = paths
-                .iter()
-                .map(|p| {
-                    let raw = Raw::open_kind(p, posix);
-                    raw.hold(read, write);
-                    raw
-                })
-                .collect();
             ready_and_wait();
         }
         // Inspects from outside the parent process and reports what it saw.

@@ -1,12 +1,15 @@
 //! Helpers shared by the async crates' tests (the async-std crate includes this file by path):
-//! real holder processes, probes from another process, a seeded random source.
+//! real holder processes, probes from another process, a seeded random source, and the
+//! scenarios themselves ([`scenarios`]).
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{Read, Write};
+pub mod scenarios;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use qlock_core::LockSet;
+use qlock_testkit::{FakeQemu, Format, FrontEnd};
 
 /// The test every test binary defines to run child roles: `child_process`.
 pub const CHILD_TEST: &str = "child_process";
@@ -20,58 +23,11 @@ pub fn image(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// A real `qemu-io` holding `path` (read-write unless `read_only`), ready once its prompt shows.
-pub struct QemuIo {
-    child: Child,
-}
-
-impl QemuIo {
-    pub fn hold(path: &Path, read_only: bool) -> QemuIo {
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "raw"]);
-        if read_only {
-            cmd.arg("-r");
-        }
-        let mut child = cmd
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        // Readiness handshake: qemu-io prints its prompt once the image is open and locked.
-        let mut out = child.stdout.take().unwrap();
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(b"qemu-io> ") {
-            assert_eq!(out.read(&mut byte).unwrap(), 1, "qemu-io exited before its prompt");
-            seen.push(byte[0]);
-        }
-        QemuIo { child }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Ends the session cleanly (`quit`), which closes the image.
-    pub fn quit(mut self) {
-        self.child.stdin.take().unwrap().write_all(b"quit\n").unwrap();
-        assert!(self.child.wait().unwrap().success());
-    }
-
-    /// SIGKILL: the kernel closes the image for it.
-    pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A real `qemu-io -f raw` holding `path` read-write (`100 101 | -`), through the testkit: ready
+/// once its prompt showed. Keep it on the test's own thread (it dies with its spawning thread).
+pub fn qemu_io_rw(path: &Path) -> FakeQemu {
+    FakeQemu::real(path, FrontEnd::QemuIoRw, Format::Raw)
+        .unwrap_or_else(|e| panic!("real qemu-io on {}: {e}", path.display()))
 }
 
 /// Runs this test binary again as `role`, with `env`, and returns its stdout lines that start

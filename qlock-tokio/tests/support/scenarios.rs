@@ -1,0 +1,392 @@
+//! The async crates' test scenarios, written once, generic over a [`Harness`]: the few things a
+//! scenario needs from a runtime (run to completion, spawn, time out, the crate's `inspect`).
+//!
+//! Each async crate's `tests/locks.rs` implements [`Harness`] for its runtime(s) and calls
+//! [`scenario_tests!`](crate::scenario_tests), which defines one `#[test]` per scenario running
+//! it on every harness named, in order, plus the `child_process` test that the child roles
+//! (`probe`, `contend`) run in. The guard under test is
+//! [`AsyncImageLock<H::R>`](qlock_core::offload::AsyncImageLock), which is exactly the crate's
+//! `ImageLock`. Holders are real processes (a real `qemu-io`, other test processes), and what is
+//! held is checked from yet another process ([`held_from_another_process`]).
+
+use std::future::Future;
+use std::io::ErrorKind;
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use qlock_core::offload::{AsyncImageLock, Runtime};
+use qlock_core::{Access, Backoff, Error, ImageStatus, LockOptions, LockSet};
+
+use super::{
+    Rng, child_report, held_from_another_process, image, qemu_io_can_write, qemu_io_rw, spawn_child,
+};
+
+/// One async runtime, as the scenarios drive it.
+pub trait Harness {
+    /// What the crate under test plugs into [`AsyncImageLock`] for this runtime.
+    type R: Runtime;
+    /// The name the `contend` child role takes in `QLOCK_RT`.
+    const NAME: &'static str;
+
+    /// Runs `fut` to completion on the calling thread, and returns once every closure it handed
+    /// to the blocking pool has finished too (cancelled acquires included), so that what is
+    /// held afterwards is final.
+    fn block_on<T>(fut: impl Future<Output = T>) -> T;
+
+    /// Runs `fut` as a task of the runtime (on its worker threads where it has some).
+    fn spawn<T: Send + 'static>(fut: impl Future<Output = T> + Send + 'static) -> impl Future<Output = T>;
+
+    /// `Some(output)` if `fut` completes within `d` on the runtime's own timer, else drops it.
+    fn timeout<T>(d: Duration, fut: impl Future<Output = T>) -> impl Future<Output = Option<T>>;
+
+    /// The crate's own `inspect` of one image.
+    fn inspect(path: &Path) -> impl Future<Output = Result<ImageStatus, Error>>;
+}
+
+/// Defines the scenarios as `#[test]`s, each running on every harness given, in order, and the
+/// `child_process` test the child roles run in. Invoke it once, at the root of a test file.
+#[macro_export]
+macro_rules! scenario_tests {
+    ($($h:ty),+ $(,)?) => {
+        /// Child roles run by re-executing this binary (see `support::spawn_child`).
+        #[test]
+        fn child_process() {
+            $crate::support::scenarios::child_process(&[$((<$h as $crate::support::scenarios::Harness>::NAME,
+                $crate::support::scenarios::contend_role::<$h> as fn())),+]);
+        }
+
+        $crate::scenario_tests!(@each [$($h),+]
+            acquire_conflicts_name_the_holder_and_access_changes_follow_qemu,
+            a_waiter_gets_in_when_the_holder_quits_or_is_killed,
+            the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits,
+            an_expiring_deadline_names_the_holders_and_leaves_nothing_held,
+        );
+
+        #[test]
+        fn cancellation_torture_leaks_no_lock() {
+            let runs = [$(<$h as $crate::support::scenarios::Harness>::NAME),+].len() as u64;
+            $($crate::support::scenarios::cancellation_torture_leaks_no_lock::<$h>(
+                $crate::support::scenarios::TORTURE / runs);)+
+        }
+
+        #[test]
+        fn contending_processes_never_overlap_and_all_finish() {
+            $crate::support::scenarios::contending_processes_never_overlap_and_all_finish(&[
+                $(<$h as $crate::support::scenarios::Harness>::NAME),+
+            ]);
+        }
+    };
+    // One test per scenario, running it on each harness in turn.
+    (@each $hs:tt $($name:ident),+ $(,)?) => {
+        $($crate::scenario_tests!(@one $hs $name);)+
+    };
+    (@one [$($h:ty),+] $name:ident) => {
+        #[test]
+        fn $name() {
+            $($crate::support::scenarios::$name::<$h>();)+
+        }
+    };
+}
+
+/// Cancelled-or-not acquisitions in the torture, shared out among a crate's runtimes.
+pub const TORTURE: u64 = 3000;
+
+type Lock<H> = AsyncImageLock<<H as Harness>::R>;
+
+fn quick() -> Backoff {
+    Backoff { initial: Duration::from_micros(200), max: Duration::from_millis(5), ..Backoff::default() }
+}
+
+/// The body of `child_process`: runs the role this process was started for, if any; `contend`
+/// runs on the runtime named by `QLOCK_RT` among `runtimes`.
+pub fn child_process(runtimes: &[(&str, fn())]) {
+    match std::env::var(super::ROLE).as_deref() {
+        Ok("probe") => super::probe_role(),
+        Ok("contend") => {
+            let rt = std::env::var("QLOCK_RT").unwrap();
+            let (_, role) = runtimes.iter().find(|(name, _)| *name == rt).expect("unknown QLOCK_RT");
+            role()
+        }
+        _ => {}
+    }
+}
+
+/// The `contend` role: loops on `write` for one image, checking through the oracle file that it
+/// is alone while it holds.
+pub fn contend_role<H: Harness>() {
+    let path = std::env::var("QLOCK_IMAGE").unwrap();
+    let oracle = std::env::var("QLOCK_ORACLE").unwrap();
+    let iters: u32 = std::env::var("QLOCK_ITERS").unwrap().parse().unwrap();
+    let backoff = Backoff { initial: Duration::from_micros(500), max: Duration::from_millis(20), ..quick() }
+        .with_timeout(Duration::from_secs(60));
+    let me = std::process::id().to_string();
+    let (done, overlaps) = H::block_on(async {
+        let (mut done, mut overlaps) = (0, 0);
+        for _ in 0..iters {
+            let guard = Lock::<H>::acquire_wait(&path, Access::WRITE, &LockOptions::default(), &backoff)
+                .await
+                .unwrap();
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&oracle) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => overlaps += 1,
+                Err(e) => panic!("{e}"),
+            }
+            std::fs::write(&oracle, &me).unwrap();
+            futures_lite::future::yield_now().await;
+            if std::fs::read_to_string(&oracle).unwrap() != me {
+                overlaps += 1;
+            }
+            std::fs::remove_file(&oracle).unwrap();
+            guard.release().await.unwrap();
+            done += 1;
+        }
+        (done, overlaps)
+    });
+    println!("QLOCK:done {done} overlaps {overlaps}");
+}
+
+pub fn acquire_conflicts_name_the_holder_and_access_changes_follow_qemu<H: Harness>() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "a.img");
+    H::block_on(async {
+        let mut vm = qemu_io_rw(&path);
+        let err = Lock::<H>::acquire(&path, Access::READ).await.unwrap_err();
+        assert!(err.to_string().starts_with("Failed to get shared \"write\" lock"), "{err}");
+        assert_eq!(err.conflict().unwrap().holders[0].pid, vm.pid());
+        let err = Lock::<H>::try_acquire(&path, Access::READ, &LockOptions::default()).await.unwrap_err();
+        assert!(err.conflict().unwrap().holders.is_empty());
+        // A force-share reader gets in, and cannot upgrade while the VM writes.
+        let mut reader = Lock::<H>::acquire(&path, Access::FORCE_SHARE).await.unwrap();
+        assert!(reader.is_local());
+        let err = reader.set_access(Access::READ).await.unwrap_err();
+        assert_eq!(err.conflict().unwrap().holders[0].pid, vm.pid());
+        assert_eq!(reader.access(), Access::FORCE_SHARE);
+        assert!(vm.release().unwrap().success(), "qemu-io quit");
+        reader.set_access(Access::READ).await.unwrap();
+        assert!(!qemu_io_can_write(&path));
+        reader.release().await.unwrap();
+        assert!(qemu_io_can_write(&path));
+        assert!(H::inspect(&path).await.unwrap().others.held.is_empty());
+    });
+}
+
+/// How a holder goes away.
+#[derive(Clone, Copy, Debug)]
+enum End {
+    /// `quit` at its prompt: it closes the image itself.
+    Quit,
+    /// SIGKILL: the kernel closes the image for it.
+    Kill,
+}
+
+fn end(mut vm: qlock_testkit::FakeQemu, how: End) {
+    match how {
+        End::Quit => assert!(vm.release().unwrap().success(), "qemu-io quit"),
+        End::Kill => {
+            vm.kill().unwrap();
+        }
+    }
+}
+
+/// A waiter spawned as a task with a quick backoff waits while the holder lives, and gets in
+/// (holding exactly its bytes, alone) once the holder quits or is killed.
+pub fn a_waiter_gets_in_when_the_holder_quits_or_is_killed<H: Harness>() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "w.img");
+    for how in [End::Quit, End::Kill] {
+        let guard = H::block_on(async {
+            let vm = qemu_io_rw(&path);
+            let policy = quick().with_timeout(Duration::from_secs(30));
+            let p = path.clone();
+            let mut waiter = Box::pin(H::spawn(async move {
+                Lock::<H>::acquire_wait(&p, Access::WRITE, &LockOptions::default(), &policy).await
+            }));
+            // The holder is alive: the waiter must still be waiting.
+            assert!(H::timeout(Duration::from_millis(100), &mut waiter).await.is_none(), "{how:?}");
+            end(vm, how);
+            waiter.await.unwrap()
+        });
+        held_alone_then_nothing(&path, guard, "100 101 103 | 201 203", how);
+    }
+}
+
+/// From another process: `guard` holds exactly `bytes` on `path`, with this process the only
+/// holder; once it is dropped, nothing is held.
+fn held_alone_then_nothing<T>(path: &Path, guard: T, bytes: &str, case: End) {
+    let (held, pids) = held_from_another_process(path);
+    assert_eq!(held.to_string(), bytes, "{case:?}");
+    assert_eq!(pids, [std::process::id()], "{case:?}");
+    drop(guard);
+    assert!(held_from_another_process(path).0.is_empty(), "{case:?}");
+}
+
+/// Without the inotify hint these waiters would sleep 30-60 s between attempts; the scenario
+/// allows 20 s after the holder quits (then: is killed).
+pub fn the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits<H: Harness>() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "h.img");
+    let slow =
+        Backoff { initial: Duration::from_secs(60), max: Duration::from_secs(60), ..Backoff::default() };
+    let opts = LockOptions::default();
+    for (how, access, bytes) in
+        [(End::Quit, Access::WRITE, "100 101 103 | 201 203"), (End::Kill, Access::READ, "100 | 201 203")]
+    {
+        H::block_on(async {
+            let vm = qemu_io_rw(&path);
+            let mut waiter = Box::pin(Lock::<H>::acquire_wait(&path, access, &opts, &slow));
+            assert!(H::timeout(Duration::from_millis(100), &mut waiter).await.is_none(), "{how:?}");
+            end(vm, how);
+            let guard = H::timeout(Duration::from_secs(20), waiter).await.expect("hint missed").unwrap();
+            assert_eq!(guard.access(), access);
+            held_alone_then_nothing(&path, guard, bytes, how);
+        });
+    }
+}
+
+pub fn an_expiring_deadline_names_the_holders_and_leaves_nothing_held<H: Harness>() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "d.img");
+    let policy = quick().with_timeout(Duration::from_millis(150));
+    let opts = LockOptions::default();
+    H::block_on(async {
+        let mut vm = qemu_io_rw(&path);
+        let err = Lock::<H>::acquire_wait(&path, Access::WRITE, &opts, &policy).await.unwrap_err();
+        assert!(matches!(err, Error::TimedOut { .. }), "{err}");
+        assert_eq!(err.conflict().unwrap().holders.iter().map(|h| h.pid).collect::<Vec<_>>(), [vm.pid()]);
+        assert!(err.to_string().contains("\"write\" lock"), "{err}");
+        // Only the VM holds anything; a guard's wait_for that times out keeps its old access.
+        assert_eq!(held_from_another_process(&path).1, [vm.pid()]);
+        let mut reader = Lock::<H>::acquire(&path, Access::FORCE_SHARE).await.unwrap();
+        let err = reader.wait_for(Access::READ, &policy).await.unwrap_err();
+        assert_eq!(err.conflict().unwrap().holders[0].pid, vm.pid());
+        assert_eq!(reader.access(), Access::FORCE_SHARE);
+        vm.kill().unwrap();
+        assert_eq!(held_from_another_process(&path), (reader.held(), vec![std::process::id()]));
+        reader.wait_for(Access::READ, &policy).await.unwrap();
+        assert_eq!(held_from_another_process(&path).0.to_string(), "100 | 201 203");
+        drop(reader);
+        assert!(held_from_another_process(&path).0.is_empty());
+    });
+}
+
+/// Polls `fut` at most `polls` times, yielding in between, then drops it.
+struct CancelAfter<F> {
+    fut: Pin<Box<F>>,
+    polls: u64,
+}
+
+impl<F: Future> Future for CancelAfter<F> {
+    type Output = Option<F::Output>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.polls == 0 {
+            return Poll::Ready(None);
+        }
+        self.polls -= 1;
+        match self.fut.as_mut().poll(cx) {
+            Poll::Ready(v) => Poll::Ready(Some(v)),
+            Poll::Pending => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// `n` acquisitions, waits and access changes cancelled at random points (after a few polls,
+/// by a timeout), while a foreign holder comes and goes; then, from another process: nothing
+/// held, and a real `qemu-io` can open every image for writing.
+pub fn cancellation_torture_leaks_no_lock<H: Harness>(n: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<_> = (0..4).map(|i| image(dir.path(), &format!("t{i}.img"))).collect();
+    let mut rng = Rng::from_env_or_clock();
+    let (opts, fast) = (LockOptions::default(), quick());
+    let (done, cancelled) = H::block_on(async {
+        let (mut done, mut cancelled) = (0u64, 0u64);
+        // A foreign holder on image 0 that comes and goes, so waits end at random moments.
+        let mut foreign = Some(qlock_core::ImageLock::acquire(&paths[0], Access::WRITE).unwrap());
+        let mut kept: Vec<Lock<H>> = Vec::new();
+        for _ in 0..n {
+            if rng.below(50) == 0 {
+                foreign = match foreign {
+                    Some(_) => None,
+                    None => qlock_core::ImageLock::acquire(&paths[0], Access::WRITE).ok(),
+                };
+            }
+            let path = &paths[rng.below(4) as usize];
+            let access = Access::PRESETS[rng.below(Access::PRESETS.len() as u64) as usize].access;
+            let polls = rng.below(12);
+            let outcome: Option<Result<Option<Lock<H>>, Error>> = match rng.below(4) {
+                0 => CancelAfter { fut: Box::pin(Lock::<H>::acquire(path, access)), polls }
+                    .await
+                    .map(|r| r.map(Some)),
+                1 => {
+                    let f = Lock::<H>::acquire_wait(path, access, &opts, &fast);
+                    CancelAfter { fut: Box::pin(f), polls }.await.map(|r| r.map(Some))
+                }
+                2 => {
+                    let f = Lock::<H>::acquire_wait(path, access, &opts, &fast);
+                    H::timeout(Duration::from_micros(rng.below(3000)), f).await.map(|r| r.map(Some))
+                }
+                _ => match kept.pop() {
+                    Some(mut g) => {
+                        let r = CancelAfter { fut: Box::pin(g.wait_for(access, &fast)), polls }.await;
+                        if rng.below(2) == 0 {
+                            kept.push(g);
+                        }
+                        r.map(|r| r.map(|()| None))
+                    }
+                    None => None,
+                },
+            };
+            match outcome {
+                None => cancelled += 1,
+                Some(Ok(Some(g))) if kept.len() < 3 && rng.below(3) == 0 => {
+                    done += 1;
+                    kept.push(g);
+                }
+                Some(_) => done += 1,
+            }
+            if rng.below(4) == 0 {
+                kept.clear();
+            }
+        }
+        drop(kept);
+        drop(foreign);
+        (done, cancelled)
+    });
+    // block_on has waited for every closure still running on the pool.
+    eprintln!("{}: done {done}, cancelled {cancelled}", H::NAME);
+    assert!(cancelled > n / 4 && done > n / 10, "{}: done {done}, cancelled {cancelled}", H::NAME);
+    for path in &paths {
+        assert_eq!(held_from_another_process(path), (LockSet::EMPTY, vec![]), "{}", path.display());
+        assert!(qemu_io_can_write(path));
+    }
+}
+
+/// Two processes per runtime in `runtimes` loop on `write` for one image (see
+/// [`contend_role`]): none ever sees another inside, all finish, nothing is left held.
+pub fn contending_processes_never_overlap_and_all_finish(runtimes: &[&str]) {
+    const ITERS: u32 = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "c.img");
+    let oracle = dir.path().join("oracle");
+    // At least three processes, alternating runtimes.
+    let procs = (runtimes.len() * 2).max(3);
+    let children: Vec<_> = (0..procs)
+        .map(|i| {
+            let env = [
+                ("QLOCK_RT", runtimes[i % runtimes.len()].to_string()),
+                ("QLOCK_IMAGE", path.display().to_string()),
+                ("QLOCK_ORACLE", oracle.display().to_string()),
+                ("QLOCK_ITERS", ITERS.to_string()),
+            ];
+            spawn_child("contend", &env)
+        })
+        .collect();
+    for child in children {
+        assert_eq!(child_report(child), [format!("done {ITERS} overlaps 0")]);
+    }
+    assert!(held_from_another_process(&path).0.is_empty());
+}

@@ -6,9 +6,10 @@
 //! option. When QEMU fails instead, it exits and its stderr becomes the error.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
@@ -27,6 +28,9 @@ pub(crate) struct Real {
     /// Sockets and overlays live here until the process is gone.
     _dir: TempDir,
 }
+
+/// How long a real QEMU may take to get ready (a TCG VM on a loaded machine takes seconds).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The empty firmware image a paused VM maps, in the holder's temporary directory.
 const EMPTY_BIOS: &str = "empty-bios.bin";
@@ -247,9 +251,26 @@ fn read_until(
     marker: &[u8],
     program: &str,
 ) -> Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let deadline = Instant::now() + READY_TIMEOUT;
     let from = seen.len();
     let mut chunk = [0u8; 512];
     while !seen[from..].windows(marker.len()).any(|w| w == marker) {
+        // A QEMU that hangs without a word must not hang the test suite.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = PollTimeout::try_from(left.as_millis()).unwrap_or(PollTimeout::MAX);
+        let ready = poll(&mut [PollFd::new(stdout.as_fd(), PollFlags::POLLIN)], ms)
+            .map_err(|e| Error::io("wait for QEMU's output")(e.into()))?;
+        if ready == 0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            let why = format!(
+                "{program} printed no {:?} within {READY_TIMEOUT:?}",
+                String::from_utf8_lossy(marker)
+            );
+            return Err(Error::io("wait for QEMU to be ready")(io::Error::new(io::ErrorKind::TimedOut, why)));
+        }
         let n = stdout.read(&mut chunk).map_err(Error::io("read QEMU's output"))?;
         if n == 0 {
             let status = child.wait().ok();

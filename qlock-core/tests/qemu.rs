@@ -169,13 +169,17 @@ fn qemu_io(front_end: FrontEnd, format: Format, path: &Path) -> FakeQemu {
         .unwrap_or_else(|e| panic!("{front_end} on {}: {e}", path.display()))
 }
 
-/// A `qemu-nbd --fork` daemon exporting an image, terminated on drop.
+/// A `qemu-nbd --fork` daemon exporting an image; killed and reaped on drop, so its locks are
+/// gone when the drop returns.
 struct QemuNbd {
     pid: i32,
 }
 
 impl QemuNbd {
     fn start(path: &Path, dir: &Path) -> QemuNbd {
+        // The daemon's parent exits at once; as a subreaper this process adopts it and can reap
+        // it, instead of leaving it to PID 1.
+        nix::sys::prctl::set_child_subreaper(true).expect("become a child subreaper");
         let pid_file = dir.join("nbd.pid");
         let status = Command::new("qemu-nbd")
             .arg("--fork")
@@ -195,7 +199,9 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), nix::sys::signal::SIGTERM);
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
     }
 }
 

@@ -154,9 +154,9 @@ impl<R: Runtime> AsyncImageLock<R> {
     ) -> Result<Self, Error> {
         let (path, opts) = (path.as_ref().to_path_buf(), options.clone());
         let find_holders = opts.find_holders;
-        R::asyncify(move || Core::acquire_with(&path, access, &opts))
+        R::asyncify(move || Core::acquire_with(&path, access, &opts).map(Opened::new))
             .await
-            .map(|l| Self::wrap(l, find_holders))
+            .map(|o| Self::wrap(o, find_holders))
     }
 
     /// [`AsyncImageLock::acquire_with`] without naming the holders on a conflict: the cheap
@@ -201,7 +201,7 @@ impl<R: Runtime> AsyncImageLock<R> {
                 Err(e) if e.is_conflict() => Self::watch(&path),
                 _ => None,
             };
-            Ok((lock, first, watch))
+            Ok((Opened::new(lock), first, watch))
         })
         .await?;
         let mut guard = Self::wrap(lock, find_holders);
@@ -297,8 +297,7 @@ impl<R: Runtime> AsyncImageLock<R> {
         self.inner.take().ok_or_else(|| lost(&self.path))
     }
 
-    fn wrap(lock: Core, find_holders: bool) -> Self {
-        let local = is_local_fs(lock.as_fd());
+    fn wrap(Opened { lock, local }: Opened, find_holders: bool) -> Self {
         let path = lock.path().to_path_buf();
         AsyncImageLock { path, inner: Some(lock), local, find_holders, runtime: PhantomData }
     }
@@ -362,6 +361,20 @@ impl<R: Runtime> Drop for AsyncImageLock<R> {
         }
         // close(2) may wait for a file server: leave it to the pool.
         R::drop_in_pool(lock);
+    }
+}
+
+/// A lock opened in the pool, with its filesystem classified there too: `fstatfs` on a
+/// network filesystem asks the server, so it must not run on the executor.
+struct Opened {
+    lock: Core,
+    local: bool,
+}
+
+impl Opened {
+    fn new(lock: Core) -> Opened {
+        let local = is_local_fs(lock.as_fd());
+        Opened { lock, local }
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
-use std::fs::{self, File};
+use std::fs::{self, File, Metadata};
 use std::io::Read;
 use std::os::fd::{AsFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -194,7 +194,7 @@ pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
             let image = ImageLock::open(p.as_ref(), &probe_opts)?;
             let (status, posix_pids) = probe(&image)?;
             if !status.others.held.is_empty() || !status.foreign.is_empty() {
-                keys.insert(file_key(image.file())?, i);
+                keys.insert(image.file_key(), i);
             }
             Ok((status, posix_pids))
         })
@@ -209,9 +209,9 @@ pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
     out.into_iter().map(|r| r.map(|(s, _)| s)).collect()
 }
 
-/// The processes (other than this descriptor) holding a lock that covers `byte` of `file`.
-pub(crate) fn holding_byte(file: &File, own_fd: RawFd, byte: u64) -> Vec<Holder> {
-    let Ok(key) = file_key(file) else { return Vec::new() };
+/// The processes (other than descriptor `own_fd` of this process) holding a lock that covers
+/// `byte` of the file `key`.
+pub(crate) fn holding_byte(key: FileKey, own_fd: RawFd, byte: u64) -> Vec<Holder> {
     let keys = HashMap::from([(key, 0)]);
     let own = (std::process::id(), u32::try_from(own_fd).ok());
     let mut holders = scan_proc(&keys, Some(own)).remove(&0).unwrap_or_default();
@@ -311,12 +311,12 @@ fn finish(status: &mut ImageStatus, posix_pids: &[Option<u32>]) {
 }
 
 /// Device (major, minor) and inode, as fdinfo `lock:` lines print them.
-type FileKey = (u32, u32, u64);
+pub(crate) type FileKey = (u32, u32, u64);
 
-fn file_key(file: &File) -> Result<FileKey> {
-    let md = file.metadata().map_err(|source| Error::Io { what: "fstat".into(), source })?;
+/// The key of a file from the metadata its opener already read.
+pub(crate) fn file_key(md: &Metadata) -> FileKey {
     let dev = md.dev();
-    Ok((nix::sys::stat::major(dev) as u32, nix::sys::stat::minor(dev) as u32, md.ino()))
+    (nix::sys::stat::major(dev) as u32, nix::sys::stat::minor(dev) as u32, md.ino())
 }
 
 /// One walk over `/proc/*/fdinfo/*`: the holders of each wanted file, by the caller's index.

@@ -10,7 +10,7 @@ use nix::libc;
 
 use crate::access::Access;
 use crate::error::{Conflict, ConflictReason, Error, Result};
-use crate::holders;
+use crate::holders::{self, FileKey};
 use crate::perm::Perm;
 use crate::plan::{ByteRange, Check, LockSet, plan};
 use crate::posix::PosixClaim;
@@ -127,6 +127,8 @@ pub struct ImageLock {
     /// Held for its `Drop` only; declared after `file`, so the descriptor is closed before the
     /// claim is given up.
     _posix_claim: Option<PosixClaim>,
+    /// Device and inode, read once at open: inspection and holder lookup match on them.
+    key: FileKey,
     path: PathBuf,
     kind: Option<LockKind>,
     all: Perm,
@@ -199,7 +201,8 @@ impl ImageLock {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| Error::open(path, e))?;
-        let ft = file.metadata().map_err(|e| Error::open(path, e))?.file_type();
+        let md = file.metadata().map_err(|e| Error::open(path, e))?;
+        let ft = md.file_type();
         let not = |kind| Err(Error::NotAnImage { path: path.to_path_buf(), kind });
         if ft.is_dir() {
             return Err(Error::IsADirectory { path: path.to_path_buf() });
@@ -213,6 +216,7 @@ impl ImageLock {
         Ok(ImageLock {
             file,
             _posix_claim: posix_claim,
+            key: holders::file_key(&md),
             path: path.to_path_buf(),
             kind,
             all: options.all(),
@@ -282,6 +286,11 @@ impl ImageLock {
     /// The lock commands in use, or `None` when locking is off (or `auto` without OFD).
     pub fn lock_kind(&self) -> Option<LockKind> {
         self.kind
+    }
+
+    /// Device and inode of the open image.
+    pub(crate) fn file_key(&self) -> FileKey {
+        self.key
     }
 
     /// The path as given when opening.
@@ -361,7 +370,7 @@ impl ImageLock {
             },
             _ => return err,
         };
-        conflict.holders = holders::holding_byte(&self.file, self.file.as_raw_fd(), conflict.byte());
+        conflict.holders = holders::holding_byte(self.key, self.file.as_raw_fd(), conflict.byte());
         err
     }
 }

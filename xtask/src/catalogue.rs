@@ -257,6 +257,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn newcomers_that_change_the_image_run_last_and_raw_create_very_last() {
+        let all = newcomers();
+        let first_mutating = all.iter().position(QemuNewcomer::mutates).unwrap();
+        assert!(all[first_mutating..].iter().all(QemuNewcomer::mutates), "a reader runs after a writer");
+        let last = all.last().unwrap();
+        assert!(matches!((last.kind, last.format), (NewcomerKind::Create, Format::Raw)));
+    }
+
+    #[test]
     fn every_holder_has_an_access_and_a_unique_label() {
         let holders = holders();
         assert_eq!(holders.len(), 20);

@@ -226,7 +226,7 @@ impl ImageLock {
         })
     }
 
-    /// Changes the access of this open image with QEMU's semantics (spec section 3).
+    /// Changes the access of this open image with QEMU's semantics (docs/protocol.md §3).
     ///
     /// The union of the old and new bytes is locked first and only the new request is checked;
     /// on success the old-only bytes are released, on failure exactly the bytes this call added

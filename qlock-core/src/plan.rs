@@ -2,7 +2,7 @@
 //!
 //! Nothing here touches a file. [`plan`] turns the bytes a descriptor holds and the bytes it
 //! wants into the steps of QEMU's `raw_handle_perm_lock` (PREPARE, then COMMIT or ABORT), and
-//! [`decide`] is the reference verdict of spec section 9 ("how to decide a new case"), which the
+//! [`decide`] is the reference verdict of docs/protocol.md §9, which the
 //! tests hold the real lock path against.
 
 use crate::perm::{PERM_BASE, Perm, UNSHARE_BASE};
@@ -257,7 +257,7 @@ impl Verdict {
     }
 }
 
-/// The reference decision of spec section 9, written from the spec and independent of the lock
+/// The reference decision of docs/protocol.md §9, written from the spec and independent of the lock
 /// path: what QEMU answers a descriptor holding `held` that asks for `wanted` while `others`
 /// hold their bytes.
 pub fn decide(others: Others, held: LockSet, wanted: LockSet) -> Verdict {

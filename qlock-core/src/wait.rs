@@ -3,7 +3,7 @@
 //! QEMU holds its locks for the life of the open image and never queues, so waiting means
 //! polling. [`retry`] is the one waiting loop; it is generic over how to sleep, so the sync
 //! core ([`retry_blocking`]) and the async crates share it. Jitter matters: two peers that
-//! lock and check at the same instant both fail (spec section 2.6), and without jitter they
+//! lock and check at the same instant both fail (docs/protocol.md §2), and without jitter they
 //! could keep failing each other.
 
 use std::future::Future;

@@ -92,7 +92,7 @@ fn write_locked_bytes_fail_the_lock_phase_like_qemu() {
     }
 }
 
-/// Access changes on a held lock (spec section 3): every (old, new) pair, each against a
+/// Access changes on a held lock (docs/protocol.md §3): every (old, new) pair, each against a
 /// pseudo-random set of others (read locks anywhere, write locks only where the newcomer holds
 /// nothing, as the kernel requires). The others are *sampled*: one of the 2^16 possible sets per
 /// pair. The state afterwards must be exactly the old one on failure and the new one on success.

@@ -314,7 +314,7 @@ fn the_posix_fallback_interoperates_with_an_ofd_holder_in_another_process() {
     let guard = ImageLock::acquire_with(&path, Access::FORCE_SHARE, &posix).expect("force-share");
     assert_eq!(guard.lock_kind(), Some(LockKind::Posix));
     // Inspect from another process: opening and closing the image here would drop our POSIX
-    // locks (the fallback's known flaw, spec section 7.1).
+    // locks (the fallback's known flaw, docs/protocol.md §7 pitfall 1).
     let seen = Helper::start("inspect", &[paths_env(&[&path])]);
     let me = std::process::id();
     assert!(

@@ -297,7 +297,7 @@ fn qemu_and_qlock_are_interchangeable_as_holders_and_newcomers() {
     }
 }
 
-/// One row of spec section 9 with an "ext" holder: raw OFD (or POSIX) locks in a fake holder
+/// One row of docs/protocol.md §9 with an "ext" holder: raw OFD (or POSIX) locks in a fake holder
 /// process; the newcomer as a QEMU front end, and the answer QEMU 10.0.2 gave.
 struct Vector {
     id: &'static str,

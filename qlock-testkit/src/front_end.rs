@@ -125,7 +125,7 @@ impl FrontEnd {
         FrontEnd::StorageDaemonBlockdev,
     ];
 
-    /// What this front end asks of the image file on `format` (spec section 5), or `None` when
+    /// What this front end asks of the image file on `format` (docs/protocol.md §5), or `None` when
     /// the table says n/a (`qemu-img check` of a raw image).
     pub fn access(self, format: Format) -> Option<Access> {
         use FrontEnd::*;

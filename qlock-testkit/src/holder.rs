@@ -51,7 +51,7 @@ pub struct HolderBuilder {
 }
 
 impl HolderBuilder {
-    /// Hold what `front_end` holds on a `format` image (spec section 5), taken like QEMU:
+    /// Hold what `front_end` holds on a `format` image (docs/protocol.md §5), taken like QEMU:
     /// lock, then check for conflicting holders, and fail with QEMU's message.
     pub fn front_end(mut self, front_end: FrontEnd, format: Format) -> Self {
         self.want = Want::FrontEnd(front_end, format);
@@ -268,7 +268,7 @@ impl FakeQemu {
         }
     }
 
-    /// Changes to the bytes of `access` with QEMU's semantics (spec section 3): lock the union,
+    /// Changes to the bytes of `access` with QEMU's semantics (docs/protocol.md §3): lock the union,
     /// check only the new request, then release old-only bytes; on a conflict keep the old set.
     ///
     /// # Errors

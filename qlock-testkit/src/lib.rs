@@ -2,7 +2,7 @@
 //!
 //! "What does my backup agent do while a VM holds this disk?" needs a process holding exactly
 //! the locks a VM would hold, not a VM. [`FakeQemu`] forks one: it holds what a QEMU
-//! [`FrontEnd`] holds on a [`Format`] (spec section 5), any [`Access`], or any [`RawLock`] set
+//! [`FrontEnd`] holds on a [`Format`] (docs/protocol.md §5), any [`Access`], or any [`RawLock`] set
 //! (write locks, POSIX locks, libvirt's byte 0, the legacy bytes 104/204, whole-file locks).
 //! [`FakeQemu::real`] runs the real `qemu-io` or `qemu-storage-daemon` behind the same handle,
 //! so one scenario can run against both, and skips cleanly where QEMU is absent.

@@ -1,4 +1,4 @@
-//! The QEMU front ends the differential check runs, with the access each takes (spec section 5).
+//! The QEMU front ends the differential check runs, with the access each takes (docs/protocol.md §5).
 //!
 //! Every image is a valid qcow2 file. A front end's *format* is the `-f` it is run with: a
 //! `raw` front end opens the same file with the raw driver, which passes the user's
@@ -273,7 +273,7 @@ mod tests {
         labels.sort();
         labels.dedup();
         assert_eq!(labels.len(), 20);
-        // Spot checks against spec section 5, independent of the testkit's table.
+        // Spot checks against docs/protocol.md §5, independent of the testkit's table.
         let bytes = |label: &str| holders.iter().find(|h| h.label() == label).map(|h| h.access.bytes());
         assert_eq!(bytes("qemu-nbd (raw)"), Some(vec![100, 101, 203]));
         assert_eq!(bytes("VM rw (raw)"), Some(vec![100, 101, 201]));

@@ -263,7 +263,7 @@ pub fn run_qemu(build: &QemuBuild, n: &QemuNewcomer, s: &Scratch) -> Verdict {
 }
 
 /// Between `fork` and `exec` a child shares every descriptor of this process, CLOEXEC or not,
-/// and with them their OFD locks (spec section 7, pitfall 4). A qlock newcomer's locks must be
+/// and with them their OFD locks (docs/protocol.md §7 pitfall 4). A qlock newcomer's locks must be
 /// gone when the next newcomer runs, so no child is spawned while one is held: spawns share
 /// this gate, in-process locking takes it exclusively.
 static FORK_GATE: RwLock<()> = RwLock::new(());

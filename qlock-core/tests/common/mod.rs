@@ -328,7 +328,7 @@ pub(crate) fn standard_role(role: &str, paths: &[PathBuf]) -> bool {
 /// Serialises the tests of one binary that spawn processes and drop guards.
 ///
 /// A child that one test thread is spawning shares *every* open file description of the process
-/// from `fork` until its `exec` (spec section 7.4), so a guard another test thread drops in that
+/// from `fork` until its `exec` (docs/protocol.md §7 pitfall 4), so a guard another test thread drops in that
 /// window keeps its OFD locks a few microseconds longer, and that test's next step (a fresh
 /// acquire, a probe) sees them. Real programs have the same window; these tests must not.
 pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {

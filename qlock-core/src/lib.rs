@@ -30,6 +30,7 @@
 
 pub mod access;
 pub mod error;
+pub mod graph;
 pub mod holders;
 pub mod image;
 pub mod offload;
@@ -42,6 +43,7 @@ pub mod wake;
 
 pub use access::{Access, Preset};
 pub use error::{Conflict, ConflictReason, Error, Result};
+pub use graph::{Chain, ChainError, Role};
 pub use holders::{Holder, ImageStatus, inspect};
 pub use image::{ImageLock, LockOptions, Locking};
 pub use perm::Perm;

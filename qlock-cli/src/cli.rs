@@ -10,11 +10,17 @@ use qlock_core::{Access, Backoff, LockOptions, Locking, Perm};
 
 /// Take, respect and inspect QEMU's disk-image locks.
 #[derive(Debug, Parser)]
-#[command(name = "qlock", version, about, long_about = None)]
+#[command(name = "qlock", version, about, long_about = None, after_help = OUTPUT)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
 }
+
+/// How output errors end qlock, as for other Unix tools.
+const OUTPUT: &str = "Exit status: 0 done, 1 conflict (or timed out), 2 any other error; `run` exits \
+as its command. A write error on stdout (a full disk) exits 2 with one line; a reader that goes \
+away (`| head`) ends qlock quietly, as SIGPIPE ends cat (if qlock was started with SIGPIPE \
+ignored, it is a write error).";
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
@@ -30,8 +36,8 @@ pub(crate) enum Command {
     /// CMD inherits the lock descriptors, as with flock(1): the locks last while qlock or CMD
     /// (or anything CMD passed them on to) lives, so a killed qlock never leaves CMD
     /// unprotected. With --close, only qlock holds them and CMD is killed (SIGKILL) if qlock
-    /// dies; the same holds under POSIX locks (`--locking on` without OFD), which no child can
-    /// inherit. CMD starts with the signal mask and ignored signals qlock started with;
+    /// dies (processes CMD started are not); the same holds under POSIX locks (`--locking on`
+    /// without OFD), which no child can inherit. CMD starts with the signal mask and ignored signals qlock started with;
     /// SIGTERM, SIGHUP, SIGINT and SIGQUIT sent to qlock are passed on to CMD (a terminal's
     /// Ctrl-C reaches CMD directly). qlock exits with CMD's status, 128+N if a signal N
     /// ended it, 126/127 if it could not be run.

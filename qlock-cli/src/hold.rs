@@ -1,69 +1,53 @@
 //! Taking an access on several images at once, all or nothing, with optional waiting.
 
-use std::io::{IsTerminal, Write};
-use std::process::ExitCode;
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use qlock_core::wake::{CloseWatch, sleep_or_close};
-use qlock_core::{Access, Error, ImageLock, Perm, wait};
+use qlock_core::{Access, Backoff, Error, ImageLock, Perm, wait};
 
 use crate::cli::HoldArgs;
-use crate::{EXIT_ERROR, report};
+use crate::images::Names;
+use crate::{Failure, Outcome, say, sys};
 
-/// `qlock check`: could the access be taken now? Leaves nothing locked.
-pub(crate) fn check(args: &HoldArgs) -> ExitCode {
-    match take(args, false).map(release_all) {
-        Ok(Ok(())) => {
-            let access = args.access.access().map(|a| a.to_string()).unwrap_or_default();
-            for image in &args.images {
-                println!("free: {} ({access})", image.display());
-            }
-            ExitCode::SUCCESS
-        }
-        Ok(Err(e)) | Err(Failure::Lock(e)) => report(&e),
-        Err(Failure::Usage(msg)) => usage(&msg),
+/// `qlock check`: could the access be taken now (or, with `--timeout`, within that time)?
+/// Leaves nothing locked.
+pub(crate) fn check(args: &HoldArgs, out: &mut impl Write) -> Result<Outcome, Failure> {
+    let locks = take(args, args.waiting(false)).map_err(Failure::lock)?;
+    release_all(locks).map_err(Failure::lock)?;
+    let access = args.access.access();
+    for image in &args.images {
+        writeln!(out, "free: {} ({access})", image.display()).map_err(Failure::Output)?;
     }
+    Ok(Outcome::Success)
 }
 
 /// `qlock wait`: return once the access could be taken.
-pub(crate) fn wait(args: &HoldArgs) -> ExitCode {
-    match take(args, true).map(release_all) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) | Err(Failure::Lock(e)) => report(&e),
-        Err(Failure::Usage(msg)) => usage(&msg),
-    }
+pub(crate) fn wait(args: &HoldArgs) -> Result<Outcome, Failure> {
+    let locks = take(args, args.waiting(true)).map_err(Failure::lock)?;
+    release_all(locks).map_err(Failure::lock)?;
+    Ok(Outcome::Success)
 }
 
-/// Why the images could not be taken.
-pub(crate) enum Failure {
-    /// The command line does not say what to lock.
-    Usage(String),
-    /// Opening or locking failed.
-    Lock(Error),
-}
-
-pub(crate) fn usage(msg: &str) -> ExitCode {
-    eprintln!("qlock: {msg}");
-    ExitCode::from(EXIT_ERROR)
-}
-
-/// Opens every image, then takes the access on all of them, or on none: an attempt that meets
-/// a conflict on one image releases those it took before it retries or fails, so a waiter never
-/// sits on some images while it waits for others.
-pub(crate) fn take(args: &HoldArgs, wait_for_it: bool) -> Result<Vec<ImageLock>, Failure> {
-    let access = args.access.access().map_err(Failure::Usage)?;
-    let backoff = args.backoff().map_err(Failure::Usage)?;
+/// Opens every image (each file once, however many names it was given by), then takes the
+/// access on all of them, or on none: an attempt that meets a conflict on one image releases
+/// those it took before it retries or fails, so a waiter never sits on some images while it
+/// waits for others. Without `waiting`, one attempt.
+pub(crate) fn take(args: &HoldArgs, waiting: Option<Backoff>) -> Result<Vec<ImageLock>, Error> {
+    let access = args.access.access();
     let options = args.lock.options();
-    let mut locks = Vec::with_capacity(args.images.len());
-    for image in &args.images {
-        locks.push(ImageLock::open(image, &options).map_err(Failure::Lock)?);
+    let names = Names::of(&args.images);
+    let mut locks = Vec::with_capacity(names.distinct().len());
+    for image in names.distinct() {
+        locks.push(ImageLock::open(image, &options)?);
     }
-    if !wait_for_it {
+    let Some(backoff) = waiting else {
         return match attempt(&mut locks, access) {
             Ok(()) => Ok(locks),
-            Err((i, e)) => Err(Failure::Lock(locks[i].with_holders(e))),
+            Err((i, e)) => Err(locks[i].with_holders(e)),
         };
-    }
+    };
     let mut progress = Progress::new();
     let mut last = None;
     // Made at the first sleep: an uncontended wait should not pay ~10 ms to close them.
@@ -79,18 +63,19 @@ pub(crate) fn take(args: &HoldArgs, wait_for_it: bool) -> Result<Vec<ImageLock>,
             })
         },
         |d| {
-            let w = watches
-                .get_or_insert_with(|| args.images.iter().filter_map(|p| CloseWatch::new(p).ok()).collect());
+            let w = watches.get_or_insert_with(|| {
+                names.distinct().iter().filter_map(|p| CloseWatch::new(p).ok()).collect()
+            });
             sleep_or_close(w, d);
         },
     );
     progress.clear();
     match result {
         Ok(()) => Ok(locks),
-        Err(e) => Err(Failure::Lock(match last {
+        Err(e) => Err(match last {
             Some(i) => locks[i].with_holders(e),
             None => e,
-        })),
+        }),
     }
 }
 
@@ -116,13 +101,14 @@ fn release_all(locks: Vec<ImageLock>) -> Result<(), Error> {
 pub(crate) fn release_all_quietly(locks: Vec<ImageLock>) {
     for lock in locks {
         if let Err(e) = lock.release() {
-            eprintln!("qlock: warning: {e}");
+            say(&format!("warning: {}", crate::message(&e)));
         }
     }
 }
 
 /// The waiting line on a terminal: elapsed time and who holds the image, refreshed about twice
-/// a second (naming holders walks /proc, so not on every attempt).
+/// a second (naming holders walks /proc, so not on every attempt), cut to the terminal's
+/// width so that it never wraps (a wrapped line cannot be taken back with `\r`).
 struct Progress {
     start: Instant,
     last: Option<Instant>,
@@ -131,7 +117,7 @@ struct Progress {
 
 impl Progress {
     fn new() -> Progress {
-        Progress { start: Instant::now(), last: None, tty: std::io::stderr().is_terminal() }
+        Progress { start: Instant::now(), last: None, tty: io::stderr().is_terminal() }
     }
 
     fn show(&mut self, lock: &ImageLock, err: &Error) {
@@ -152,14 +138,50 @@ impl Progress {
             lock.path().display(),
             conflict.qemu_message(),
         );
-        let mut out = std::io::stderr().lock();
-        let _ = write!(out, "\r\x1b[K{line}");
+        let mut out = io::stderr().lock();
+        let _ = write!(out, "\r\x1b[K{}", fit(&line, width(&out)));
         let _ = out.flush();
     }
 
     fn clear(&self) {
         if self.tty && self.last.is_some() {
-            let _ = write!(std::io::stderr(), "\r\x1b[K");
+            let _ = write!(io::stderr(), "\r\x1b[K");
         }
+    }
+}
+
+/// The terminal's width: its size, else `$COLUMNS`, else 80.
+fn width(term: &impl AsFd) -> usize {
+    sys::columns(term.as_fd())
+        .or_else(|| std::env::var("COLUMNS").ok()?.parse().ok())
+        .filter(|&w| w > 0)
+        .unwrap_or(80)
+}
+
+/// `line` cut to fewer than `width` characters (the last column would make some terminals wrap
+/// at once), ending in `…` when cut.
+fn fit(line: &str, width: usize) -> String {
+    let room = width.saturating_sub(1);
+    if line.chars().count() <= room {
+        return line.to_string();
+    }
+    if room == 0 {
+        return String::new();
+    }
+    let mut cut: String = line.chars().take(room.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit;
+
+    #[test]
+    fn a_line_is_cut_to_the_width() {
+        assert_eq!(fit("waiting", 80), "waiting");
+        assert_eq!(fit("waiting 1.0s", 8), "waitin…");
+        assert_eq!(fit("waiting 1.0s", 8).chars().count(), 7);
+        assert_eq!(fit("abc", 1), "");
     }
 }

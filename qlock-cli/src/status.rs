@@ -1,71 +1,82 @@
 //! `qlock status`: who holds what on each image, as a table or as JSON.
+//!
+//! Each name given gets its own entry (scripts index the JSON by argument), but an image named
+//! twice (`disk.img ./disk.img`, a link) is inspected once, so its entries agree.
 
-use std::process::ExitCode;
+use std::io::Write;
+use std::path::Path;
 
 use qlock_core::holders::{HeldRange, Holder, ImageStatus};
 use qlock_core::plan::Verdict;
 use qlock_core::{LockKind, LockSet, Perm, inspect};
 use serde_json::{Value, json};
 
-use crate::EXIT_ERROR;
 use crate::cli::StatusArgs;
+use crate::images::Names;
+use crate::{Failure, Outcome, message, say};
 
-/// Inspects every image with one walk over /proc; exit 2 if any image could not be inspected.
-pub(crate) fn main(args: &StatusArgs) -> ExitCode {
-    let results = inspect(&args.images);
-    let failed = results.iter().any(Result::is_err);
+/// Inspects every image with one walk over /proc; [`Outcome::SomeFailed`] if any image could
+/// not be inspected.
+pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, Failure> {
+    let names = Names::of(&args.images);
+    let results = inspect(names.distinct());
+    let each = || args.images.iter().zip(names.files().map(|i| &results[i]));
     if args.json {
-        let images: Vec<Value> = args
-            .images
-            .iter()
-            .zip(&results)
-            .map(|(path, r)| match r {
-                Ok(s) => to_json(s),
-                Err(e) => json!({ "path": path.display().to_string(), "error": e.to_string() }),
+        let images: Vec<Value> = each()
+            .map(|(name, r)| match r {
+                Ok(s) => to_json(s, name),
+                Err(e) => json!({ "path": name.display().to_string(), "error": e.to_string() }),
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({ "images": images })).unwrap_or_default());
+        let text = serde_json::to_string_pretty(&json!({ "images": images }))
+            .map_err(|e| Failure::Other(format!("cannot print JSON: {e}")))?;
+        writeln!(out, "{text}").map_err(Failure::Output)?;
     } else {
-        for (n, (path, r)) in args.images.iter().zip(&results).enumerate() {
+        for (n, (name, r)) in each().enumerate() {
             if n > 0 {
-                println!();
+                writeln!(out).map_err(Failure::Output)?;
             }
             match r {
-                Ok(s) => print_table(s),
-                Err(e) => eprintln!("qlock: {}: {e}", path.display()),
+                Ok(s) => print_table(out, s, name).map_err(Failure::Output)?,
+                Err(e) => {
+                    // In order with the tables around it.
+                    out.flush().map_err(Failure::Output)?;
+                    say(&message(e));
+                }
             }
         }
     }
-    if failed { ExitCode::from(EXIT_ERROR) } else { ExitCode::SUCCESS }
+    Ok(if results.iter().any(Result::is_err) { Outcome::SomeFailed } else { Outcome::Success })
 }
 
-fn print_table(s: &ImageStatus) {
-    let row = |k: &str, v: &str| println!("{k:<14}{v}");
-    row("image", &s.path.display().to_string());
+fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) -> std::io::Result<()> {
+    let mut row = |k: &str, v: &str| writeln!(out, "{k:<14}{v}");
+    row("image", &name.display().to_string())?;
     if s.lock_kind.is_none() {
-        row("locking", "unavailable on this host (no OFD locks): nothing can be seen");
+        row("locking", "unavailable on this host (no OFD locks): nothing can be seen")?;
     }
     let held = s.others.held;
-    row("held", &held.to_string());
-    row("uses", &held.perm.to_string());
-    row("unshares", &held.unshared.to_string());
+    row("held", &held.to_string())?;
+    row("uses", &held.perm.to_string())?;
+    row("unshares", &held.unshared.to_string())?;
     if !s.others.write_locked.is_empty() {
-        row("write-locked", &s.others.write_locked.to_string());
+        row("write-locked", &s.others.write_locked.to_string())?;
     }
     for h in &s.holders {
-        row("holder", &h.to_string());
+        row("holder", &h.to_string())?;
     }
     if s.unidentified {
-        row("holder", "unknown (another user's process, another host, or a lock the probes saw only)");
+        row("holder", "unknown (another user's process, another host, or a lock the probes saw only)")?;
     }
     for f in &s.foreign {
         let pid = f.pid.map_or_else(|| "unknown holder".to_string(), |p| format!("pid {p}"));
-        row("foreign", &format!("{} by {pid}: {}", f.range, f.reason));
+        row("foreign", &format!("{} by {pid}: {}", f.range, f.reason))?;
     }
     for (name, verdict) in &s.presets {
         let v = verdict.message().map_or_else(|| "free".to_string(), |m| format!("no: {m}"));
-        row(name, &v);
+        row(name, &v)?;
     }
+    Ok(())
 }
 
 fn bytes(set: LockSet, side: bool) -> Vec<u64> {
@@ -103,10 +114,10 @@ fn verdict_json(v: &Verdict) -> Value {
     json!({ "free": *v == Verdict::Granted, "message": v.message(), "byte": byte })
 }
 
-fn to_json(s: &ImageStatus) -> Value {
+fn to_json(s: &ImageStatus, name: &Path) -> Value {
     let held = s.others.held;
     json!({
-        "path": s.path.display().to_string(),
+        "path": name.display().to_string(),
         "locking": s.lock_kind.map(|k| match k { LockKind::Ofd => "ofd", LockKind::Posix => "posix" }),
         "perm_bytes": bytes(held, false),
         "unshare_bytes": bytes(held, true),

@@ -1,48 +1,12 @@
 //! The `qlock` binary against real QEMU processes on real images.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use qlock_testkit::fixtures::TempImage;
-use qlock_testkit::{FakeQemu, Format, FrontEnd};
-
-const QLOCK: &str = env!("CARGO_BIN_EXE_qlock");
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
-}
-
-/// Skips the test (with a message) when QEMU's tools are not installed.
-macro_rules! need_qemu {
-    () => {
-        if !have("qemu-io") || !have("qemu-img") {
-            eprintln!("skipped: qemu-io / qemu-img not on PATH (install qemu-utils)");
-            return;
-        }
-    };
-}
-
-fn qcow2() -> TempImage {
-    TempImage::new(Format::Qcow2).expect("qemu-img create")
-}
-
-fn raw() -> TempImage {
-    TempImage::new(Format::Raw).expect("raw image")
-}
-
-/// A real QEMU front end holding `img`, through the testkit: ready once its prompt showed.
-fn real(img: &TempImage, front_end: FrontEnd) -> FakeQemu {
-    FakeQemu::real(img, front_end, img.format()).unwrap_or_else(|e| panic!("real {front_end}: {e}"))
-}
-
-fn qlock(args: &[&str], image: &Path) -> Output {
-    Command::new(QLOCK).args(args).arg(image).output().expect("run qlock")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{QLOCK, qcow2, qlock, raw, real, stderr};
+use qlock_testkit::FrontEnd;
 
 /// QEMU's message after the tool's prefix, e.g. `Failed to get "write" lock` and the hint.
 fn qemu_message(o: &Output) -> String {
@@ -111,12 +75,13 @@ fn run_holds_the_locks_for_the_command_only_and_passes_its_status() {
 }
 
 #[test]
-fn run_does_not_leak_the_locks_into_the_command() {
+fn run_close_does_not_leak_the_locks_into_the_command() {
     let img = raw();
-    // CMD asks `qlock status` who holds the image: the holder is its parent, not CMD itself.
+    // CMD asks `qlock status` who holds the image: with --close the holder is its parent, not
+    // CMD itself.
     let script = r#"echo "me=$$ parent=$PPID"; "$0" status --json "$1""#;
     let o = Command::new(QLOCK)
-        .args(["run", "--access", "write"])
+        .args(["run", "--close", "--access", "write"])
         .arg(img.path())
         .args(["--", "sh", "-c", script, QLOCK])
         .arg(img.path())

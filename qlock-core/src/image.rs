@@ -1,10 +1,12 @@
 //! [`ImageLock`]: an open image with QEMU-compatible locks, released on drop.
 
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use nix::libc;
 
@@ -29,6 +31,39 @@ pub enum Locking {
     On,
     /// Never lock or test.
     Off,
+}
+
+impl fmt::Display for Locking {
+    /// QEMU's spelling: `auto`, `on`, `off`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Locking::Auto => "auto",
+            Locking::On => "on",
+            Locking::Off => "off",
+        })
+    }
+}
+
+impl FromStr for Locking {
+    type Err = String;
+
+    /// Parses QEMU's `locking=` values.
+    ///
+    /// ```
+    /// use qlock_core::Locking;
+    ///
+    /// assert_eq!("on".parse::<Locking>(), Ok(Locking::On));
+    /// assert_eq!(Locking::Off.to_string().parse::<Locking>(), Ok(Locking::Off));
+    /// assert!("yes".parse::<Locking>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Locking, String> {
+        match s {
+            "auto" => Ok(Locking::Auto),
+            "on" => Ok(Locking::On),
+            "off" => Ok(Locking::Off),
+            _ => Err(format!("unknown locking mode {s:?}: expected auto, on or off")),
+        }
+    }
 }
 
 /// How an image is opened and locked.

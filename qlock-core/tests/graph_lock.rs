@@ -47,7 +47,10 @@ fn graph() -> Graph {
     std::fs::File::create(p("base.raw")).unwrap().set_len(1 << 20).unwrap();
     img(dir.path(), &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", "mid.qcow2"]);
     let data = format!("data_file={}", p("data.raw").display());
-    img(dir.path(), &["create", "-q", "-f", "qcow2", "-o", &data, "-F", "qcow2", "-b", "mid.qcow2", "top.qcow2", "1M"]);
+    img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "-o", &data, "-F", "qcow2", "-b", "mid.qcow2", "top.qcow2", "1M"],
+    );
     Graph { top: p("top.qcow2"), data: p("data.raw"), mid: p("mid.qcow2"), base: p("base.raw"), _dir: dir }
 }
 
@@ -119,9 +122,18 @@ fn a_chain_lock_is_refused_where_and_as_qemu_io_is() {
         ("read on data", vec![(&g.data, Err(Access::READ), Raw)]),
         ("read on base", vec![(&g.base, Err(Access::READ), Raw)]),
         ("unshare read on base", vec![(&g.base, Err(unshare_read), Raw)]),
-        ("write on data and mid", vec![(&g.data, Err(Access::WRITE), Raw), (&g.mid, Err(Access::WRITE), Raw)]),
-        ("read on data, write on mid", vec![(&g.data, Err(Access::READ), Raw), (&g.mid, Err(Access::WRITE), Raw)]),
-        ("unshare read on base, write on mid", vec![(&g.base, Err(unshare_read), Raw), (&g.mid, Err(Access::WRITE), Raw)]),
+        (
+            "write on data and mid",
+            vec![(&g.data, Err(Access::WRITE), Raw), (&g.mid, Err(Access::WRITE), Raw)],
+        ),
+        (
+            "read on data, write on mid",
+            vec![(&g.data, Err(Access::READ), Raw), (&g.mid, Err(Access::WRITE), Raw)],
+        ),
+        (
+            "unshare read on base, write on mid",
+            vec![(&g.base, Err(unshare_read), Raw), (&g.mid, Err(Access::WRITE), Raw)],
+        ),
     ];
     let mut refusals = 0;
     for (name, holders) in &cases {

@@ -99,7 +99,10 @@ fn child_run(s: &ChildSetup<'_>) -> i32 {
         // SAFETY: `path` is a valid NUL-terminated string owned by the parent's (copied) memory.
         let fd = unsafe { libc::open(path.as_ptr(), flags) };
         if fd < 0 {
-            reply(sock, &Reply { index: i as u32, errno: Errno::last_raw(), ..Reply::status(Status::OpenFailed) });
+            reply(
+                sock,
+                &Reply { index: i as u32, errno: Errno::last_raw(), ..Reply::status(Status::OpenFailed) },
+            );
             return 1;
         }
         imgs[i] = fd;

@@ -194,7 +194,9 @@ impl FrontEnd {
                 User { force_share: true, ..user(CR, all, false) }
             }
             QemuImgInfo => User { no_io: true, ..user(Perm::empty(), all, false) },
-            QemuImgInfoForceShare => User { no_io: true, force_share: true, ..user(Perm::empty(), all, false) },
+            QemuImgInfoForceShare => {
+                User { no_io: true, force_share: true, ..user(Perm::empty(), all, false) }
+            }
             QemuImgConvertSource => user(CR, CR | WU, false),
             QemuImgResize => user(CR | W | RS, all, true),
             VmDisk => user(CR | W, CR | WU | RS, true),

@@ -16,8 +16,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 use qlock_core::error::{Conflict, ConflictReason};
-use qlock_core::plan::Check;
 use qlock_core::graph::{Chain, ChainError, Role};
+use qlock_core::plan::Check;
 use qlock_core::{Access, ImageLock, LockOptions, LockSet, Locking, Perm};
 
 use crate::error::{Error, Result};
@@ -197,7 +197,12 @@ impl HolderBuilder {
         let mut nodes: Vec<ChainNode> = chain
             .nodes()
             .iter()
-            .map(|n| ChainNode { path: n.path().to_path_buf(), role: n.role, format: n.format, held: LockSet::EMPTY })
+            .map(|n| ChainNode {
+                path: n.path().to_path_buf(),
+                role: n.role,
+                format: n.format,
+                held: LockSet::EMPTY,
+            })
             .collect();
         drop(chain);
         if !fe.opens_chain() {
@@ -230,6 +235,10 @@ impl HolderBuilder {
     }
 
     /// Starts the real QEMU front end instead of a fake, behind the same handle.
+    ///
+    /// On an image with a backing file or a data file, the real QEMU holds the whole graph
+    /// (every node with its bytes, `docs/graph.md`), as a fake does with
+    /// [`chain(true)`](Self::chain).
     ///
     /// # Errors
     /// An error whose [`Error::is_skip`] is true when the binary is missing (looked up in

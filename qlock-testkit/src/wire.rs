@@ -111,7 +111,12 @@ impl Request {
 
 /// Reads a request in the child. No allocation, no panic: malformed input yields `None`.
 pub(crate) fn decode(buf: &[u8; REQUEST_SIZE]) -> Option<Decoded> {
-    let mut d = Decoded { exit: get_u32(buf, 0)? != 0, node: get_u32(buf, 20)?, counts: [0; 4], ops: [Op::NONE; MAX_OPS] };
+    let mut d = Decoded {
+        exit: get_u32(buf, 0)? != 0,
+        node: get_u32(buf, 20)?,
+        counts: [0; 4],
+        ops: [Op::NONE; MAX_OPS],
+    };
     let mut total = 0usize;
     for i in 0..4 {
         let n = get_u32(buf, 4 + 4 * i)? as usize;

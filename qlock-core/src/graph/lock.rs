@@ -1,6 +1,6 @@
 //! [`ChainLock`]: every node of an image graph locked as QEMU locks it, all nodes or none.
 //!
-//! The guard takes QEMU's two passes (see [`rules`](super::rules)): first every node, in
+//! The guard takes QEMU's two passes (see [`rules`]): first every node, in
 //! discovery order (the top, its data file, its backing file, ...), gets what it gets while
 //! QEMU opens the graph with nobody attached; then the nodes whose bytes depend on the user
 //! (data files, raw backing files) are raised to their final bytes, in the same order. So the

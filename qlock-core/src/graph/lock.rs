@@ -37,7 +37,7 @@ use crate::wake::{self, CloseWatch};
 ///     println!("{} {:?}: {}", node.path().display(), node.role, node.image.held());
 /// }
 /// guard.release()?;
-/// # Ok::<(), qlock_core::ChainError>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[must_use = "the locks are released when the ChainLock is dropped"]
 #[derive(Debug)]

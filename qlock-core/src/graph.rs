@@ -17,7 +17,9 @@
 //! qcow2 and raw are followed; raw is a leaf. Other formats are refused, naming the format.
 //! Nothing is ever written: every node is opened read-only with `O_CLOEXEC`.
 
+pub mod lock;
 pub mod qcow2;
+pub mod rules;
 
 use std::ffi::OsStr;
 use std::io;
@@ -155,6 +157,29 @@ pub enum ChainError {
         path: PathBuf,
         /// The path it was first opened by.
         first: PathBuf,
+    },
+    /// A node could not be locked: another holder refused (QEMU's message, naming the node),
+    /// or the filesystem failed. `prefix` is how many times QEMU prefixes the message with
+    /// `Could not open backing file: ` (once per level of backing file above the node while
+    /// the graph is being opened; never for a data file of the top or once the graph is open).
+    #[error("{}{source}", "Could not open backing file: ".repeat(*.prefix))]
+    Node {
+        /// The node's path, as it was opened.
+        path: PathBuf,
+        /// Its role.
+        role: Role,
+        /// Levels of `Could not open backing file: ` in QEMU's message.
+        prefix: usize,
+        /// The lock error on that node.
+        source: Box<Error>,
+    },
+    /// A wait for the whole graph ran out of time; `last` is the refusal still in the way.
+    #[error("Timed out after {:.1}s: {last}", .waited.as_secs_f64())]
+    TimedOut {
+        /// How long the wait lasted.
+        waited: std::time::Duration,
+        /// The last refusal.
+        last: Box<ChainError>,
     },
     /// The chain is deeper than [`MAX_DEPTH`].
     #[error("the backing chain of '{}' is deeper than {limit} levels; flatten it (qemu-img commit or convert) or use --no-chain", .top.display())]

@@ -14,7 +14,7 @@ use crate::access::Access;
 use crate::error::{Conflict, ConflictReason, Error, Result};
 use crate::holders::{self, FileKey};
 use crate::perm::Perm;
-use crate::plan::{ByteRange, Check, LockSet, plan};
+use crate::plan::{ByteRange, Check, LockSet, Plan, plan};
 use crate::posix::PosixClaim;
 use crate::sys::{self, LockKind};
 use crate::wait::{self, Backoff};
@@ -355,15 +355,37 @@ impl ImageLock {
         })
     }
 
+    /// The first half of an access change spread over several images (a chain guard): locks
+    /// the bytes of `union` (the old access and `new` together) and checks only `new`, as
+    /// [`ImageLock::set_access`] does before it commits. The image then holds `union`; a
+    /// [`set_access`](ImageLock::set_access) to `new` (commit) or back to the old access
+    /// (abort) afterwards only releases, so it cannot fail on a conflict.
+    pub(crate) fn prepare(&mut self, union: Access, new: Access) -> Result<()> {
+        let set = |a: Access| {
+            let (perm, unshared) = a.within(self.all);
+            LockSet::new(perm, unshared)
+        };
+        let mut p = plan(self.held, set(union));
+        if !p.check.is_empty() {
+            p.check = set(new);
+        }
+        self.run(p, union, self.find_holders)
+    }
+
     /// The one PREPARE / CHECK / COMMIT-or-ABORT path behind every access change.
     pub(crate) fn update(&mut self, access: Access, find_holders: bool) -> Result<()> {
         let (perm, unshared) = access.within(self.all);
+        let p = plan(self.held, LockSet::new(perm, unshared));
+        self.run(p, access, find_holders)
+    }
+
+    /// Runs a plan: lock `plan.add`, check `plan.check`, then commit to `access` or abort.
+    fn run(&mut self, plan: Plan, access: Access, find_holders: bool) -> Result<()> {
         let Some(kind) = self.kind else {
             self.access = access;
             return Ok(());
         };
         let fd = self.file.as_fd();
-        let plan = plan(self.held, LockSet::new(perm, unshared));
         let mut taken = LockSet::EMPTY;
         let outcome = lock_runs(fd, kind, plan.add, &mut taken).and_then(|()| {
             match plan.probe_cover().map(|cover| sys::test_write(fd, kind, cover)) {

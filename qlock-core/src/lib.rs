@@ -43,6 +43,7 @@ pub mod wake;
 
 pub use access::{Access, Preset};
 pub use error::{Conflict, ConflictReason, Error, Result};
+pub use graph::lock::ChainLock;
 pub use graph::{Chain, ChainError, Role};
 pub use holders::{Holder, ImageStatus, inspect};
 pub use image::{ImageLock, LockOptions, Locking};

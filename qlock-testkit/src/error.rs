@@ -41,6 +41,10 @@ pub enum Error {
     /// phase, or a write lock in the way of the lock phase. Nothing of the attempt stays held.
     #[error(transparent)]
     Refused(#[from] qlock_core::Error),
+    /// A chain holder ([`HolderBuilder::chain`](crate::HolderBuilder::chain)) could not
+    /// discover the graph, or a node refused: QEMU's message with its prefix, naming the node.
+    #[error(transparent)]
+    Chain(#[from] qlock_core::ChainError),
     /// A lock of a raw set could not be taken (someone holds a conflicting lock, or the
     /// descriptor is read-only for a write lock). Nothing of the attempt stays held.
     #[error("Failed to lock {lock}: {}", qlock_core::error::strerror(.source))]
@@ -116,6 +120,7 @@ impl Error {
     pub fn qemu_message(&self) -> Option<String> {
         match self {
             Error::Refused(e) => e.conflict().map(|c| c.qemu_message()),
+            Error::Chain(e) => e.conflict().map(|c| c.qemu_message()),
             Error::Qemu { message, .. } => {
                 let line = message.lines().next()?;
                 let at = line.find("Failed to ")?;

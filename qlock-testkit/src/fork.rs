@@ -39,8 +39,9 @@ use crate::wire::{self, Cmd, Decoded, Op, REQUEST_SIZE, Reply, Status};
 pub(crate) struct ChildSetup<'a> {
     /// The child's end of the command socket.
     pub(crate) sock: RawFd,
-    /// The image path.
-    pub(crate) path: &'a CStr,
+    /// The image paths: one image, or every node of a chain (top first), at most
+    /// [`MAX_NODES`].
+    pub(crate) paths: &'a [&'a CStr],
     /// Open the image `O_RDWR` (needed for write locks) instead of `O_RDONLY`.
     pub(crate) writable: bool,
     /// The first request, run before the readiness reply.
@@ -48,6 +49,9 @@ pub(crate) struct ChildSetup<'a> {
     /// Where to stop closing descriptors if `close_range(2)` is missing (the `RLIMIT_NOFILE`).
     pub(crate) fd_limit: i32,
 }
+
+/// The most images one holder keeps open (a chain's nodes).
+pub(crate) const MAX_NODES: usize = 64;
 
 /// Forks a holder; in the parent returns the child's pid. The child never returns.
 pub(crate) fn fork_holder(setup: &ChildSetup<'_>) -> nix::Result<Pid> {
@@ -89,14 +93,23 @@ fn child_run(s: &ChildSetup<'_>) -> i32 {
     // SAFETY: the name is a NUL-terminated static; PR_SET_NAME copies at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"qemu-fake".as_ptr() as libc::c_ulong, 0, 0, 0) };
     let flags = if s.writable { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_CLOEXEC | libc::O_NOCTTY;
-    // SAFETY: `path` is a valid NUL-terminated string owned by the parent's (copied) stack.
-    let img = unsafe { libc::open(s.path.as_ptr(), flags) };
-    if img < 0 {
-        reply(sock, &Reply { errno: Errno::last_raw(), ..Reply::status(Status::OpenFailed) });
-        return 1;
+    let mut imgs: [RawFd; MAX_NODES] = [-1; MAX_NODES];
+    let count = s.paths.len().min(MAX_NODES);
+    for (i, path) in s.paths.iter().take(count).enumerate() {
+        // SAFETY: `path` is a valid NUL-terminated string owned by the parent's (copied) memory.
+        let fd = unsafe { libc::open(path.as_ptr(), flags) };
+        if fd < 0 {
+            reply(
+                sock,
+                &Reply { index: i as u32, errno: Errno::last_raw(), ..Reply::status(Status::OpenFailed) },
+            );
+            return 1;
+        }
+        imgs[i] = fd;
     }
+    let imgs = &imgs[..count];
     let first = match wire::decode(s.first) {
-        Some(d) => apply(img, &d),
+        Some(d) => apply(imgs, &d),
         None => Reply::status(Status::BadRequest),
     };
     if !reply(sock, &first) || first.status != Status::Done {
@@ -109,7 +122,7 @@ fn child_run(s: &ChildSetup<'_>) -> i32 {
         }
         let r = match wire::decode(&buf) {
             Some(d) if d.exit => return 0,
-            Some(d) => apply(img, &d),
+            Some(d) => apply(imgs, &d),
             None => Reply::status(Status::BadRequest),
         };
         if !reply(sock, &r) {
@@ -164,8 +177,9 @@ fn close_between(first: i32, last: i32, fd_limit: i32) {
     }
 }
 
-/// Runs one request: prepare, check, then commit or abort.
-fn apply(img: RawFd, d: &Decoded) -> Reply {
+/// Runs one request on its image: prepare, check, then commit or abort.
+fn apply(imgs: &[RawFd], d: &Decoded) -> Reply {
+    let Some(&img) = imgs.get(d.node as usize) else { return Reply::status(Status::BadRequest) };
     for (i, op) in d.section(0).iter().enumerate() {
         if let Err(errno) = set_lock(img, op) {
             run_quietly(img, d.section(3));

@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use qlock_core::graph::rules::User;
 use qlock_core::{Access, Perm};
 
 /// The image format the front end opens, which changes what lands on the file.
@@ -31,6 +32,15 @@ impl Format {
 
     /// Both formats, for table-driven tests.
     pub const ALL: [Format; 2] = [Format::Qcow2, Format::Raw];
+}
+
+impl From<Format> for qlock_core::graph::Format {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Qcow2 => qlock_core::graph::Format::Qcow2,
+            Format::Raw => qlock_core::graph::Format::Raw,
+        }
+    }
 }
 
 impl fmt::Display for Format {
@@ -160,6 +170,51 @@ impl FrontEnd {
         })
     }
 
+    /// The user this front end is at the top of an image graph: what it asks and shares, and
+    /// how it opens the graph. [`User::node`] then gives what it takes on every node of a chain
+    /// (`qlock_core::graph::rules`); on the top that is [`FrontEnd::access`].
+    ///
+    /// Below the top, watched on 10.0.2 and 7.2 for the qemu-io, qemu-nbd, storage-daemon and
+    /// VM rows (`docs/graph.md`), and with `strace` on 10.0.2 for `qemu-img check`, `convert`
+    /// and `resize`; `qemu-img check -r all` is assumed to be `check` opened read-write.
+    pub fn user(self) -> User {
+        use FrontEnd::*;
+        let user = |perm: Perm, shared: Perm, writable: bool| User {
+            perm,
+            shared: shared | Perm::GRAPH_MOD,
+            writable,
+            force_share: false,
+            no_io: false,
+        };
+        let all = Perm::ALL;
+        match self {
+            QemuIoRw | QemuImgCheckRepair | VmDiskShareRw => user(CR | W, all, true),
+            QemuIoReadOnly | QemuImgCheck => user(CR, all, false),
+            QemuIoForceShare | QemuImgConvertSourceForceShare => {
+                User { force_share: true, ..user(CR, all, false) }
+            }
+            QemuImgInfo => User { no_io: true, ..user(Perm::empty(), all, false) },
+            QemuImgInfoForceShare => {
+                User { no_io: true, force_share: true, ..user(Perm::empty(), all, false) }
+            }
+            QemuImgConvertSource => user(CR, CR | WU, false),
+            QemuImgResize => user(CR | W | RS, all, true),
+            VmDisk => user(CR | W, CR | WU | RS, true),
+            VmDiskReadonly => user(CR, CR | WU | RS, false),
+            BackingFile => FrontEnd::VmDisk.user().backing(),
+            QemuNbdRw => user(CR | W, CR | W | WU, true),
+            QemuNbdReadOnly => user(CR, CR | W | WU, false),
+            StorageDaemonBlockdev => User::nobody(true),
+        }
+    }
+
+    /// Whether the front end opens the image's backing files and data file at all while it
+    /// holds the image: `qemu-img info` does not (with `--backing-chain` it opens each image
+    /// in turn, never two at once), every other front end does.
+    pub fn opens_chain(self) -> bool {
+        !matches!(self, FrontEnd::QemuImgInfo | FrontEnd::QemuImgInfoForceShare)
+    }
+
     /// The command line this front end stands for, as a person would type it.
     pub fn command(self) -> &'static str {
         use FrontEnd::*;
@@ -227,6 +282,18 @@ mod tests {
             let (perm, unshared) = a.within(Perm::ALL);
             qlock_core::LockSet::new(perm, unshared).to_string()
         })
+    }
+
+    #[test]
+    fn each_user_takes_the_table_bytes_on_the_top() {
+        use qlock_core::graph::Role;
+        for fe in FrontEnd::ALL {
+            for format in Format::ALL {
+                let Some(access) = fe.access(format) else { continue };
+                let got = fe.user().node(Role::Top, format.into());
+                assert_eq!(show(Some(got)), show(Some(access)), "{fe} on {format}");
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! [`FakeQemu`]: a live process holding an image's locks, and its [`HolderBuilder`].
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CStr, CString, OsString};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -16,11 +16,12 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 use qlock_core::error::{Conflict, ConflictReason};
+use qlock_core::graph::{Chain, ChainError, Role};
 use qlock_core::plan::Check;
-use qlock_core::{Access, LockSet, Perm};
+use qlock_core::{Access, ImageLock, LockOptions, LockSet, Locking, Perm};
 
 use crate::error::{Error, Result};
-use crate::fork::{ChildSetup, fork_holder};
+use crate::fork::{ChildSetup, MAX_NODES, fork_holder};
 use crate::front_end::{Format, FrontEnd};
 use crate::raw::{Held, HolderKind, RawLock, change};
 use crate::real::Real;
@@ -46,6 +47,7 @@ pub struct HolderBuilder {
     want: Want,
     writable: bool,
     kind: HolderKind,
+    chain: bool,
     qemu_bin_dir: Option<PathBuf>,
     qemu_env: Vec<(OsString, OsString)>,
 }
@@ -75,6 +77,17 @@ impl HolderBuilder {
     /// the initial raw set has a write lock; turn it on to add write locks later.
     pub fn writable(mut self, writable: bool) -> Self {
         self.writable = writable;
+        self
+    }
+
+    /// Hold the image's whole graph, as the front end does: its backing files and data file
+    /// too, each with the bytes QEMU takes there ([`FrontEnd::user`] and
+    /// `qlock_core::graph::rules`), all in the one holder process, taken in QEMU's order (so a
+    /// refusal names the node QEMU names, with its `Could not open backing file: ` prefix).
+    /// Needs a [`front_end`](Self::front_end). A real `qemu-io` or daemon
+    /// ([`spawn_real`](Self::spawn_real)) holds the graph by itself, whatever this says.
+    pub fn chain(mut self, chain: bool) -> Self {
+        self.chain = chain;
         self
     }
 
@@ -125,22 +138,44 @@ impl HolderBuilder {
     /// or access; [`Error::RawLock`] when a raw lock conflicts; [`Error::Open`] when the image
     /// cannot be opened. The child has exited and been reaped by then.
     pub fn spawn(self) -> Result<FakeQemu> {
+        if self.chain {
+            let Want::FrontEnd(fe, format) = self.want else {
+                return Err(Error::Invalid("chain(true) needs a front end".into()));
+            };
+            return self.spawn_chain(fe, format);
+        }
         let target = self.target()?;
         let writable = self.writable || matches!(&target, Held::Raw(l) if l.iter().any(|l| l.write));
         let (request, checks) = change(&Held::NOTHING, &target);
-        let first = request.encode().ok_or_else(too_many)?;
-        let path_c = CString::new(self.path.as_os_str().as_bytes())
+        let paths = vec![self.path.clone()];
+        let mut holder = self.fork(&paths, writable, &request)?;
+        // On failure the handle is dropped here, which kills and reaps the child.
+        holder.finish(0, &request, &checks, target)?;
+        Ok(holder)
+    }
+
+    /// Forks a child holding `paths` open, running `first` before its first answer.
+    fn fork(self, paths: &[PathBuf], writable: bool, first: &Request) -> Result<FakeQemu> {
+        let first = first.encode().ok_or_else(too_many)?;
+        if paths.len() > MAX_NODES {
+            return Err(Error::Invalid(format!("a holder keeps at most {MAX_NODES} images open")));
+        }
+        let c_paths = paths
+            .iter()
+            .map(|p| CString::new(p.as_os_str().as_bytes()))
+            .collect::<std::result::Result<Vec<CString>, _>>()
             .map_err(|_| Error::Invalid("the image path contains a NUL byte".into()))?;
+        let c_refs: Vec<&CStr> = c_paths.iter().map(CString::as_c_str).collect();
         let (sock, child_sock) = UnixStream::pair().map_err(Error::io("socketpair"))?;
         sock.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(Error::io("socket timeout"))?;
         let fd_limit = getrlimit(Resource::RLIMIT_NOFILE)
             .map(|(soft, _)| i32::try_from(soft).unwrap_or(i32::MAX))
             .unwrap_or(1 << 20);
         let setup =
-            ChildSetup { sock: child_sock.as_raw_fd(), path: &path_c, writable, first: &first, fd_limit };
+            ChildSetup { sock: child_sock.as_raw_fd(), paths: &c_refs, writable, first: &first, fd_limit };
         let pid = fork_holder(&setup).map_err(|e| Error::io("fork")(e.into()))?;
         drop(child_sock);
-        let mut holder = FakeQemu {
+        Ok(FakeQemu {
             path: self.path,
             pid,
             status: None,
@@ -148,14 +183,62 @@ impl HolderBuilder {
                 Want::FrontEnd(fe, format) => Some((fe, format)),
                 _ => None,
             },
+            nodes: Vec::new(),
             imp: Imp::Fake { sock, held: Held::NOTHING, writable },
+        })
+    }
+
+    /// A fake holder of the image's whole graph (see [`HolderBuilder::chain`]).
+    fn spawn_chain(self, fe: FrontEnd, format: Format) -> Result<FakeQemu> {
+        fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
+        let opts = LockOptions { locking: Locking::Off, ..LockOptions::default() };
+        let top = ImageLock::open(&self.path, &opts)?;
+        let chain = Chain::discover(top, Some(format.into()), |p| ImageLock::open(p, &opts))?;
+        let mut nodes: Vec<ChainNode> = chain
+            .nodes()
+            .iter()
+            .map(|n| ChainNode {
+                path: n.path().to_path_buf(),
+                role: n.role,
+                format: n.format,
+                held: LockSet::EMPTY,
+            })
+            .collect();
+        drop(chain);
+        if !fe.opens_chain() {
+            nodes.truncate(1);
+        }
+        let (user, kind) = (fe.user(), self.kind);
+        let held = |a: Access| {
+            let (perm, unshared) = a.within(Perm::ALL);
+            Held::Access(LockSet::new(perm, unshared), kind)
         };
-        // On failure the handle is dropped here, which kills and reaps the child.
-        holder.finish(&request, &checks, target)?;
+        let passes: Vec<(Held, Held)> = nodes
+            .iter()
+            .map(|n| (held(user.detached().node(n.role, n.format)), held(user.node(n.role, n.format))))
+            .collect();
+        let paths: Vec<PathBuf> = nodes.iter().map(|n| n.path.clone()).collect();
+        let (request, checks) = change(&Held::NOTHING, &passes[0].0);
+        let mut holder = self.fork(&paths, false, &request)?;
+        holder.nodes = nodes;
+        // QEMU's first pass (the graph opened with nobody attached), then the user attaches.
+        holder.finish(0, &request, &checks, passes[0].0.clone()).map_err(|e| holder.on_node(0, true, e))?;
+        for (i, (first, _)) in passes.iter().enumerate().skip(1) {
+            holder.step(i, &Held::NOTHING, first).map_err(|e| holder.on_node(i, true, e))?;
+        }
+        for (i, (first, last)) in passes.iter().enumerate() {
+            if first != last {
+                holder.step(i, first, last).map_err(|e| holder.on_node(i, false, e))?;
+            }
+        }
         Ok(holder)
     }
 
     /// Starts the real QEMU front end instead of a fake, behind the same handle.
+    ///
+    /// On an image with a backing file or a data file, the real QEMU holds the whole graph
+    /// (every node with its bytes, `docs/graph.md`), as a fake does with
+    /// [`chain(true)`](Self::chain).
     ///
     /// # Errors
     /// An error whose [`Error::is_skip`] is true when the binary is missing (looked up in
@@ -174,6 +257,7 @@ impl HolderBuilder {
             pid,
             status: None,
             front_end: Some((fe, format)),
+            nodes: Vec::new(),
             imp: Imp::Real(real),
         })
     }
@@ -217,7 +301,22 @@ pub struct FakeQemu {
     pid: Pid,
     status: Option<ExitStatus>,
     front_end: Option<(FrontEnd, Format)>,
+    /// Every node of a chain holder, top first; empty for a holder of one image.
+    nodes: Vec<ChainNode>,
     imp: Imp,
+}
+
+/// One image a chain holder holds ([`HolderBuilder::chain`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainNode {
+    /// Its path, as discovery opened it.
+    pub path: PathBuf,
+    /// What it is to the top.
+    pub role: Role,
+    /// How QEMU reads it.
+    pub format: qlock_core::graph::Format,
+    /// The protocol bytes the holder holds on it.
+    pub held: LockSet,
 }
 
 impl FakeQemu {
@@ -228,6 +327,7 @@ impl FakeQemu {
             want: Want::Raw(Vec::new()),
             writable: false,
             kind: HolderKind::Ofd,
+            chain: false,
             qemu_bin_dir: None,
             qemu_env: Vec::new(),
         }
@@ -259,6 +359,13 @@ impl FakeQemu {
         self.front_end
     }
 
+    /// The nodes of a fake chain holder, top first, with the bytes held on each; empty for a
+    /// holder of one image and for a real QEMU (which holds its graph too: read it with
+    /// `qlock_core::inspect` and [`pid`](Self::pid)).
+    pub fn chain_nodes(&self) -> &[ChainNode] {
+        &self.nodes
+    }
+
     /// The locks a fake holds now, as it took them; `None` for a real QEMU.
     pub fn locks(&self) -> Option<Vec<RawLock>> {
         match &self.imp {
@@ -275,6 +382,9 @@ impl FakeQemu {
     /// [`Error::Refused`] with QEMU's message on a conflict; [`Error::Unsupported`] on a real
     /// QEMU; [`Error::Gone`] when the holder died.
     pub fn set_access(&mut self, access: Access) -> Result<()> {
+        if !self.nodes.is_empty() {
+            return Err(Error::Unsupported("set_access on a chain holder"));
+        }
         let kind = match &self.imp {
             Imp::Fake { held: Held::Access(_, kind), .. } => *kind,
             Imp::Fake { .. } => HolderKind::Ofd,
@@ -314,11 +424,50 @@ impl FakeQemu {
         if sock.write_all(&bytes).is_err() {
             return Err(self.gone());
         }
-        self.finish(&request, &checks, target)
+        self.finish(0, &request, &checks, target)
+    }
+
+    /// Moves node `node` of a chain holder from `from` to `to`.
+    fn step(&mut self, node: usize, from: &Held, to: &Held) -> Result<()> {
+        let Imp::Fake { sock, .. } = &mut self.imp else {
+            return Err(Error::Unsupported("changing locks"));
+        };
+        let (mut request, checks) = change(from, to);
+        request.node = u32::try_from(node).map_err(|_| too_many())?;
+        let bytes = request.encode().ok_or_else(too_many)?;
+        if sock.write_all(&bytes).is_err() {
+            return Err(self.gone());
+        }
+        self.finish(node, &request, &checks, to.clone())
+    }
+
+    /// A refusal on node `node` of a chain, as QEMU words it: the node's path, and in the
+    /// first pass `Could not open backing file: ` once per level of backing file above it.
+    fn on_node(&self, node: usize, opening: bool, err: Error) -> Error {
+        let Some(n) = self.nodes.get(node) else { return err };
+        let source = match err {
+            Error::Refused(source) => source,
+            other => return other,
+        };
+        let levels = match n.role {
+            Role::Top => 0,
+            Role::Backing { depth } | Role::DataFile { depth, .. } => depth,
+        };
+        Error::Chain(ChainError::Node {
+            path: n.path.clone(),
+            role: n.role,
+            prefix: if opening { levels } else { 0 },
+            source: Box::new(source),
+        })
+    }
+
+    /// The path of node `node` (the image itself for a holder of one image).
+    fn node_path(&self, node: usize) -> PathBuf {
+        self.nodes.get(node).map_or_else(|| self.path.clone(), |n| n.path.clone())
     }
 
     /// Reads the answer to `request` and records `target` as held on success.
-    fn finish(&mut self, request: &Request, checks: &[Check], target: Held) -> Result<()> {
+    fn finish(&mut self, node: usize, request: &Request, checks: &[Check], target: Held) -> Result<()> {
         let read = {
             let Imp::Fake { sock, .. } = &mut self.imp else {
                 return Err(Error::Unsupported("changing locks"));
@@ -337,21 +486,26 @@ impl FakeQemu {
         let index = reply.index as usize;
         match reply.status {
             Status::Done => {
+                if let (Some(n), Held::Access(set, _)) = (self.nodes.get_mut(node), &target) {
+                    n.held = *set;
+                }
                 if let Imp::Fake { held, .. } = &mut self.imp {
-                    *held = target;
+                    if node == 0 {
+                        *held = target;
+                    }
                 }
                 Ok(())
             }
-            Status::OpenFailed => Err(Error::Open { path: self.path.clone(), source: errno() }),
+            Status::OpenFailed => Err(Error::Open { path: self.node_path(index), source: errno() }),
             Status::BadRequest => Err(Error::Invalid("the holder could not decode a request".into())),
             Status::LockFailed => {
                 let op = request.prepare.get(index).copied().ok_or_else(|| self.gone())?;
                 let busy = matches!(Errno::from_raw(reply.errno), Errno::EAGAIN | Errno::EACCES);
                 if access_kind && busy {
-                    Err(self.refused(ConflictReason::WriteLocked(op.start), op.start))
+                    Err(self.refused(node, ConflictReason::WriteLocked(op.start), op.start))
                 } else if access_kind {
                     Err(qlock_core::Error::Lock {
-                        path: self.path.clone(),
+                        path: self.node_path(node),
                         message: format!("Failed to lock byte {}", op.start),
                         source: errno(),
                     }
@@ -365,10 +519,10 @@ impl FakeQemu {
             Status::Conflict | Status::CheckFailed => {
                 let check = checks.get(index).copied().ok_or_else(|| self.gone())?;
                 if reply.status == Status::Conflict {
-                    Err(self.refused(ConflictReason::Check(check), check.byte()))
+                    Err(self.refused(node, ConflictReason::Check(check), check.byte()))
                 } else {
                     Err(qlock_core::Error::Lock {
-                        path: self.path.clone(),
+                        path: self.node_path(node),
                         message: check.message(),
                         source: errno(),
                     }
@@ -378,14 +532,15 @@ impl FakeQemu {
         }
     }
 
-    /// QEMU's refusal, naming the other processes that hold `byte`.
-    fn refused(&self, reason: ConflictReason, byte: u64) -> Error {
-        let holders = qlock_core::inspect(&[&self.path])
+    /// QEMU's refusal on node `node`, naming the other processes that hold `byte`.
+    fn refused(&self, node: usize, reason: ConflictReason, byte: u64) -> Error {
+        let path = self.node_path(node);
+        let holders = qlock_core::inspect(&[&path])
             .pop()
             .and_then(|r| r.ok())
             .map(|s| s.holders.into_iter().filter(|h| h.pid != self.pid() && h.covers(byte)).collect())
             .unwrap_or_default();
-        let conflict = Conflict { path: self.path.clone(), reason, holders };
+        let conflict = Conflict { path, reason, holders };
         qlock_core::Error::Conflict(Box::new(conflict)).into()
     }
 

@@ -58,6 +58,6 @@ mod wire;
 
 pub use error::{Error, Result};
 pub use front_end::{Format, FrontEnd};
-pub use holder::{FakeQemu, HolderBuilder};
+pub use holder::{ChainNode, FakeQemu, HolderBuilder};
 pub use qlock_core::{Access, Perm};
 pub use raw::{HolderKind, RawLock};

@@ -166,6 +166,7 @@ fn access_change(held: LockSet, wanted: LockSet, kind: HolderKind) -> (Request, 
     let checks: Vec<Check> = p.checks().collect();
     let req = Request {
         exit: false,
+        node: 0,
         prepare: ops(p.add, Cmd::Read),
         check: checks.iter().map(|c| Op { cmd: Cmd::Test, posix, start: c.byte(), len: 1 }).collect(),
         commit: ops(p.release, Cmd::Unlock),
@@ -180,6 +181,7 @@ fn access_change(held: LockSet, wanted: LockSet, kind: HolderKind) -> (Request, 
 fn raw_change(old: &[RawLock], new: &[RawLock]) -> Request {
     Request {
         exit: false,
+        node: 0,
         prepare: new.iter().map(|l| l.op()).collect(),
         check: Vec::new(),
         commit: uncovered(old, new),

@@ -48,6 +48,8 @@ impl Op {
 pub(crate) struct Request {
     /// Leave: the child exits with status 0 and the kernel drops its locks.
     pub(crate) exit: bool,
+    /// Which of the holder's images (0 = the first, the top of a chain) the operations act on.
+    pub(crate) node: u32,
     pub(crate) prepare: Vec<Op>,
     pub(crate) check: Vec<Op>,
     pub(crate) commit: Vec<Op>,
@@ -58,6 +60,7 @@ pub(crate) struct Request {
 #[derive(Clone, Copy)]
 pub(crate) struct Decoded {
     pub(crate) exit: bool,
+    pub(crate) node: u32,
     /// Lengths of the prepare, check, commit and abort sections, in that order.
     pub(crate) counts: [usize; 4],
     pub(crate) ops: [Op; MAX_OPS],
@@ -75,7 +78,7 @@ impl Decoded {
 impl Request {
     /// The request that makes the child leave.
     pub(crate) fn exit() -> Request {
-        Request { exit: true, prepare: vec![], check: vec![], commit: vec![], abort: vec![] }
+        Request { exit: true, node: 0, prepare: vec![], check: vec![], commit: vec![], abort: vec![] }
     }
 
     /// Total operations; must not exceed [`MAX_OPS`].
@@ -91,6 +94,7 @@ impl Request {
         let mut out = [0u8; REQUEST_SIZE];
         let sections = [&self.prepare, &self.check, &self.commit, &self.abort];
         put_u32(&mut out, 0, u32::from(self.exit));
+        put_u32(&mut out, 20, self.node);
         for (i, s) in sections.iter().enumerate() {
             put_u32(&mut out, 4 + 4 * i, s.len() as u32);
         }
@@ -107,7 +111,12 @@ impl Request {
 
 /// Reads a request in the child. No allocation, no panic: malformed input yields `None`.
 pub(crate) fn decode(buf: &[u8; REQUEST_SIZE]) -> Option<Decoded> {
-    let mut d = Decoded { exit: get_u32(buf, 0)? != 0, counts: [0; 4], ops: [Op::NONE; MAX_OPS] };
+    let mut d = Decoded {
+        exit: get_u32(buf, 0)? != 0,
+        node: get_u32(buf, 20)?,
+        counts: [0; 4],
+        ops: [Op::NONE; MAX_OPS],
+    };
     let mut total = 0usize;
     for i in 0..4 {
         let n = get_u32(buf, 4 + 4 * i)? as usize;
@@ -223,6 +232,7 @@ mod tests {
         let op = |cmd, start, len| Op { cmd, posix: start == 0, start, len };
         let req = Request {
             exit: false,
+            node: 3,
             prepare: vec![op(Cmd::Read, 100, 1), op(Cmd::Write, 0, 0)],
             check: vec![op(Cmd::Test, 201, 1)],
             commit: vec![op(Cmd::Unlock, 203, 1)],
@@ -230,6 +240,7 @@ mod tests {
         };
         let d = decode(&req.encode().unwrap()).unwrap();
         assert!(!d.exit);
+        assert_eq!(d.node, 3);
         assert_eq!(d.section(0), &req.prepare[..]);
         assert_eq!(d.section(1), &req.check[..]);
         assert_eq!(d.section(2), &req.commit[..]);

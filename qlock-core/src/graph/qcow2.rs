@@ -307,7 +307,7 @@ pub fn probe(buf: &[u8]) -> Probed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A v3 header of `cluster` bytes with the given backing name, and extensions.

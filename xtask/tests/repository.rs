@@ -138,7 +138,10 @@ fn licenses_named_in_the_manifests_exist() {
         let dir = entry.unwrap().path();
         let manifest = dir.join("Cargo.toml");
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        if name.starts_with("qlock") && manifest.is_file() && !read_path(&manifest).contains("publish = false") {
+        if name.starts_with("qlock")
+            && manifest.is_file()
+            && !read_path(&manifest).contains("publish = false")
+        {
             for file in ["LICENSE-MIT", "LICENSE-APACHE"] {
                 assert!(dir.join(file).is_file(), "{name}/{file}");
             }

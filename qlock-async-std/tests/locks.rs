@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
-use qlock_core::{Error, ImageStatus};
 use qlock_async::testing::scenarios::Harness;
+use qlock_core::{Error, ImageStatus};
 
 /// `Some(output)` if `fut` completes within `d`, on async-io's timer (both runtimes use it).
 async fn within<T>(d: Duration, fut: impl Future<Output = T>) -> Option<T> {

@@ -75,7 +75,8 @@ impl Home {
             return lock;
         }
         let slot = self.away.slot();
-        let mut slot = self.away.back.wait_while(slot, |s| s.is_none()).unwrap_or_else(PoisonError::into_inner);
+        let mut slot =
+            self.away.back.wait_while(slot, |s| s.is_none()).unwrap_or_else(PoisonError::into_inner);
         slot.take().expect("waited for it")
     }
 

@@ -74,7 +74,7 @@
 //! every method in every crate.
 //!
 //! Modules, bottom up: `runtime` (the trait), `lend` (where the descriptor lives, and how an
-//! operation borrows it), `guard`, `inspect`; and, with the `testing` feature, [`testing`]: the
+//! operation borrows it), `guard`, `inspect`; and, with the `testing` feature, `testing`: the
 //! scenarios every runtime crate's tests run.
 #![forbid(unsafe_code)]
 

@@ -180,13 +180,15 @@ fn each_operation_crosses_to_the_pool_once_also_when_it_fails() {
     assert_eq!((h, d), (1, 0), "set_access");
     // A wait whose deadline has passed at the first attempt: one round trip, naming included.
     let now = Backoff::default().with_timeout(Duration::ZERO);
-    let (r, h, d) = hops(|| block_on(AsyncImageLock::<Inline>::acquire_wait(&path, Access::READ, &opts, &now)));
+    let (r, h, d) =
+        hops(|| block_on(AsyncImageLock::<Inline>::acquire_wait(&path, Access::READ, &opts, &now)));
     assert_eq!(r.unwrap_err().conflict().unwrap().holders.len(), 1);
     assert_eq!((h, d), (1, 0), "acquire_wait, timeout 0");
     // A wait that times out later: the open, then one closure that names the holders and
     // closes the inotify watch (not a naming hop and a separate drop of the watch).
     let soon = Backoff::default().with_timeout(Duration::from_millis(10));
-    let (r, h, d) = hops(|| block_on(AsyncImageLock::<Inline>::acquire_wait(&path, Access::READ, &opts, &soon)));
+    let (r, h, d) =
+        hops(|| block_on(AsyncImageLock::<Inline>::acquire_wait(&path, Access::READ, &opts, &soon)));
     assert_eq!(r.unwrap_err().conflict().unwrap().holders.len(), 1);
     assert_eq!((h, d), (2, 0), "acquire_wait, timed out");
     let (r, h, d) = hops(|| block_on(guard.wait_for(Access::READ, &soon)));
@@ -264,8 +266,16 @@ fn on_the_pool_path_a_dropped_call_leaves_the_old_or_the_new_access_never_less()
         assert!(!guard.is_lost(), "{i}");
         let now = guard.access();
         assert!(now == old || now == new, "{i}: {now:?} is neither {old:?} nor {new:?}");
-        if now == old { kept += 1 } else { changed += 1 }
-        assert_eq!((held_from_outside(&guard), guard.held()), (set(now), set(now)), "{i}: {old:?} -> {new:?}");
+        if now == old {
+            kept += 1
+        } else {
+            changed += 1
+        }
+        assert_eq!(
+            (held_from_outside(&guard), guard.held()),
+            (set(now), set(now)),
+            "{i}: {old:?} -> {new:?}"
+        );
     }
     assert!(kept > 30 && changed > 30, "kept {kept}, changed {changed}");
 }

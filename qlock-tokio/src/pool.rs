@@ -15,7 +15,9 @@ where
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => Err(Error::Io { what: "qlock: background task failed".into(), source: io::Error::other(e) }),
+        Err(e) => {
+            Err(Error::Io { what: "qlock: background task failed".into(), source: io::Error::other(e) })
+        }
     }
 }
 

@@ -5,8 +5,8 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use qlock_core::{Error, ImageStatus};
 use qlock_async::testing::scenarios::Harness;
+use qlock_core::{Error, ImageStatus};
 
 /// A fresh two-worker tokio runtime per `block_on`, the way services run it.
 enum Tokio {}

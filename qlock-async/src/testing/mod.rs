@@ -59,7 +59,10 @@ pub fn holders_from_another_process(path: &Path) -> Vec<(u32, LockSet)> {
         set
     };
     let holders = lines.iter().filter_map(|l| l.strip_prefix("holder "));
-    holders.map(|h| h.split_once(' ').unwrap_or((h, ""))).map(|(pid, bytes)| (pid.parse().unwrap(), parse(bytes))).collect()
+    holders
+        .map(|h| h.split_once(' ').unwrap_or((h, "")))
+        .map(|(pid, bytes)| (pid.parse().unwrap(), parse(bytes)))
+        .collect()
 }
 
 /// What another process sees held on `path`: the held bytes and the pids holding them.

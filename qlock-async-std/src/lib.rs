@@ -28,9 +28,12 @@
 //!
 //! # What runs where
 //!
-//! Every operation crosses to the `blocking` pool ([`blocking::unblock`]) at most once, not
-//! once per `fcntl`: opening an image (a path lookup that can stall on NFS), naming holders (a
-//! walk over `/proc`), and [`inspect`] always go there, in one closure each.
+//! Work that may block crosses to the `blocking` pool ([`blocking::unblock`]) in one closure per
+//! operation, not one per `fcntl`: opening an image (a path lookup that can stall on NFS),
+//! naming holders (a walk over `/proc`), and [`inspect`] always go there. A conflict on an
+//! open guard crosses once, to name the holders; a wait that fails crosses once more at its
+//! end, naming the holders and closing its inotify watch in the same closure (once in all
+//! when its deadline has passed by the first attempt).
 //!
 //! On a local filesystem (ext2/3/4, xfs, btrfs, tmpfs, per
 //! [`qlock_core::sys::is_local_fs`]) a lock call is a non-blocking syscall of well under a

@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io;
 use std::marker::PhantomData;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -13,7 +12,7 @@ use qlock_core::wait::{Backoff, Retry, retry};
 use qlock_core::wake::CloseWatch;
 use qlock_core::{Access, Error, LockOptions, LockSet};
 
-use crate::lend::{Core, Home};
+use crate::lend::{Core, Home, busy};
 use crate::runtime::Runtime;
 
 /// An open image holding QEMU-compatible read locks, for the async runtime `R`.
@@ -312,13 +311,5 @@ impl Opened {
     fn new(lock: Core) -> Opened {
         let local = is_local_fs(lock.as_fd());
         Opened { lock, local }
-    }
-}
-
-/// The descriptor is with a pool closure that has not given it back yet (its task failed).
-pub(crate) fn busy() -> Error {
-    Error::Io {
-        what: "qlock: the image's descriptor is still with a pool task of an earlier call; try again".into(),
-        source: io::Error::from(io::ErrorKind::WouldBlock),
     }
 }

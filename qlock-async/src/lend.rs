@@ -9,6 +9,7 @@
 //! back at its next call. Naming holders never lends the descriptor at all
 //! ([`qlock_core::HolderLookup`]).
 
+use std::io;
 use std::marker::PhantomData;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
@@ -136,7 +137,7 @@ impl<R: Runtime> Slot<'_, R> {
         local: bool,
         f: impl FnOnce(&mut Core) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
-        let Some(mut lock) = self.take() else { return Err(crate::guard::busy()) };
+        let Some(mut lock) = self.take() else { return Err(busy()) };
         if local {
             let r = f(&mut lock);
             self.put(Some(lock));
@@ -181,5 +182,13 @@ impl<R: Runtime> Drop for Lent<R> {
         }
         *self.away.slot() = Some(lock);
         self.away.back.notify_all();
+    }
+}
+
+/// The descriptor is with a pool closure that has not given it back yet (its task failed).
+pub(crate) fn busy() -> Error {
+    Error::Io {
+        what: "qlock: the image's descriptor is still with a pool task of an earlier call; try again".into(),
+        source: io::Error::from(io::ErrorKind::WouldBlock),
     }
 }

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
+use qlock_async::{AsyncImageLock, Runtime};
 use qlock_async_std::AsyncStd;
-use qlock_core::offload::{AsyncImageLock, Runtime};
 use qlock_core::wake::CloseWatch;
 use qlock_core::{Access, Backoff, Error, LockOptions};
 use qlock_testkit::FakeQemu;
@@ -172,7 +172,9 @@ fn guard_ops(rt: &str, block_on: BlockOn, dir: &Path) {
 }
 
 /// qlock-async-std's runtime with the inotify hint switched off, and nothing else changed:
-/// every call goes to [`AsyncStd`]. The baseline of the hint's benefit.
+/// every call goes to [`AsyncStd`], except that the watch is closed (in the pool) instead of
+/// registered. The baseline of the hint's benefit, composed here rather than switched on in
+/// the library.
 enum NoHint {}
 
 impl Runtime for NoHint {
@@ -191,15 +193,18 @@ impl Runtime for NoHint {
     }
 
     fn register(watch: Option<CloseWatch>) -> Self::Hint {
-        AsyncStd::register(watch)
+        if let Some(watch) = watch {
+            AsyncStd::drop_in_pool(watch);
+        }
+        AsyncStd::register(None)
+    }
+
+    fn unregister(hint: Self::Hint) -> Option<CloseWatch> {
+        AsyncStd::unregister(hint)
     }
 
     fn sleep(hint: &Self::Hint, delay: Duration) -> impl Future<Output = ()> + Send {
         AsyncStd::sleep(hint, delay)
-    }
-
-    fn close_hint_enabled() -> bool {
-        false
     }
 }
 

@@ -4,10 +4,9 @@ use std::future::pending;
 use std::time::Duration;
 
 use async_io::{Async, Timer};
-use qlock_core::offload::Runtime;
 use qlock_core::wake::CloseWatch;
 
-use crate::AsyncStd;
+use crate::pool;
 
 /// An image's [`CloseWatch`] registered with async-io's reactor (the one async-std and smol
 /// share); absent when inotify is unavailable, and the wait then just polls.
@@ -17,6 +16,11 @@ impl Hint {
     /// Registers a watch with the reactor.
     pub(crate) fn register(watch: Option<CloseWatch>) -> Hint {
         Hint(watch.and_then(|w| Async::new(w).ok()))
+    }
+
+    /// The watch, out of the reactor again, for the caller to close (on the pool).
+    pub(crate) fn into_watch(mut self) -> Option<CloseWatch> {
+        self.0.take().and_then(|fd| fd.into_inner().ok())
     }
 
     /// Sleeps for `delay`, or less if the image is closed by anyone meanwhile.
@@ -36,7 +40,7 @@ impl Drop for Hint {
     /// here), far too long for an executor thread: the pool closes it.
     fn drop(&mut self) {
         if let Some(watch) = self.0.take().and_then(|fd| fd.into_inner().ok()) {
-            AsyncStd::drop_in_pool(watch);
+            pool::drop_in_pool(watch);
         }
     }
 }

@@ -26,5 +26,5 @@ use crate::AsyncStd;
 /// One result per path, in order; a path that cannot be opened or probed fails alone, and a
 /// failed pool task fails them all with [`Error::Io`].
 pub async fn inspect<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> Vec<Result<ImageStatus, Error>> {
-    qlock_core::offload::inspect::<AsyncStd, P>(paths).await
+    qlock_async::inspect::<AsyncStd, P>(paths).await
 }

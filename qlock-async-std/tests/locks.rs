@@ -1,17 +1,13 @@
 //! qlock-async-std against real processes and real files: the scenarios of
-//! `qlock-tokio/tests/support/scenarios.rs` (shared with qlock-tokio), each under async-std and
-//! then under smol.
-
-#[path = "../../qlock-tokio/tests/support/mod.rs"]
-mod support;
+//! `qlock_async::testing` (shared with qlock-tokio), each under async-std and then under smol.
 
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
+use qlock_async::testing::scenarios::Harness;
 use qlock_core::{Error, ImageStatus};
-use support::scenarios::Harness;
 
 /// `Some(output)` if `fut` completes within `d`, on async-io's timer (both runtimes use it).
 async fn within<T>(d: Duration, fut: impl Future<Output = T>) -> Option<T> {
@@ -88,4 +84,4 @@ impl Harness for Smol {
     }
 }
 
-scenario_tests!(AsyncStd, Smol);
+qlock_async::scenario_tests!(AsyncStd, Smol);

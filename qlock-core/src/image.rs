@@ -3,7 +3,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -418,6 +418,30 @@ impl ImageLock {
 
     /// Fills in who holds the contested byte of a conflict (also inside a timeout), from one
     /// walk over `/proc`. Other errors are returned unchanged.
+    pub fn with_holders(&self, err: Error) -> Error {
+        self.holder_lookup().with_holders(err)
+    }
+
+    /// What naming the holders needs, detached from the descriptor: callers that walk `/proc`
+    /// on another thread (the async guards, on their blocking pool) send this there and keep
+    /// the descriptor, so nothing they hold is at risk while the walk runs.
+    pub fn holder_lookup(&self) -> HolderLookup {
+        HolderLookup { key: self.key, own_fd: self.file.as_raw_fd() }
+    }
+}
+
+/// The device and inode of an open image and the descriptor number to leave out (its own
+/// locks are no conflict): all [`ImageLock::with_holders`] needs, as a `Copy` value that can
+/// cross threads while the guard stays where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HolderLookup {
+    key: FileKey,
+    own_fd: RawFd,
+}
+
+impl HolderLookup {
+    /// As [`ImageLock::with_holders`]. Run it while the guard is open: the descriptor number
+    /// it leaves out could otherwise name another open of the same file in this process.
     pub fn with_holders(&self, mut err: Error) -> Error {
         let conflict = match &mut err {
             Error::Conflict(c) => c,
@@ -427,7 +451,7 @@ impl ImageLock {
             },
             _ => return err,
         };
-        conflict.holders = holders::holding_byte(self.key, self.file.as_raw_fd(), conflict.byte());
+        conflict.holders = holders::holding_byte(self.key, self.own_fd, conflict.byte());
         err
     }
 }

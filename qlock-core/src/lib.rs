@@ -24,8 +24,8 @@
 //! Modules, in the order data flows: [`perm`] (bits and bytes), [`access`] (requests and
 //! presets), [`plan`] (the protocol as pure data), [`sys`] (the fcntl calls), [`image`] (the
 //! guard), [`holders`] (inspection), [`wait`] (backoff), [`wake`] (the
-//! inotify hint that ends a wait's sleep early), [`offload`] (the async guard, generic over a
-//! runtime), [`error`].
+//! inotify hint that ends a wait's sleep early), [`error`]. The async guard, generic over a
+//! runtime, is the `qlock-async` crate's: the sync core ends at [`wake`].
 #![forbid(unsafe_code)]
 
 pub mod access;
@@ -33,7 +33,6 @@ pub mod error;
 pub mod graph;
 pub mod holders;
 pub mod image;
-pub mod offload;
 pub mod perm;
 pub mod plan;
 mod posix;
@@ -46,7 +45,7 @@ pub use error::{Conflict, ConflictReason, Error, Result};
 pub use graph::lock::ChainLock;
 pub use graph::{Chain, ChainError, Role};
 pub use holders::{Holder, ImageStatus, inspect};
-pub use image::{ImageLock, LockOptions, Locking};
+pub use image::{HolderLookup, ImageLock, LockOptions, Locking};
 pub use perm::Perm;
 pub use plan::{LockSet, Verdict};
 pub use sys::LockKind;

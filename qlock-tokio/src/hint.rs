@@ -2,14 +2,12 @@
 
 use std::future::pending;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use qlock_core::offload::Runtime;
 use qlock_core::wake::CloseWatch;
 use tokio::io::unix::AsyncFd;
 
-use crate::offload::Tokio;
+use crate::pool;
 
 /// An image's [`CloseWatch`] registered with tokio's reactor; absent when inotify or the
 /// reactor is unavailable, and the wait then just polls.
@@ -34,6 +32,11 @@ impl Hint {
         Hint(watch.and_then(|w| AsyncFd::new(Watch(w)).ok()))
     }
 
+    /// The watch, out of the reactor again, for the caller to close (on the pool).
+    pub(crate) fn into_watch(mut self) -> Option<CloseWatch> {
+        self.0.take().map(|fd| fd.into_inner().0)
+    }
+
     /// Sleeps for `delay`, or less if the image is closed by anyone meanwhile.
     pub(crate) async fn sleep(&self, delay: Duration) {
         let timer = tokio::time::sleep(delay);
@@ -49,7 +52,7 @@ impl Drop for Hint {
     /// here), far too long for an executor thread: the pool closes it.
     fn drop(&mut self) {
         if let Some(fd) = self.0.take() {
-            Tokio::drop_in_pool(fd.into_inner());
+            pool::drop_in_pool(fd.into_inner());
         }
     }
 }
@@ -64,18 +67,4 @@ async fn closed(fd: &AsyncFd<Watch>) {
             Err(_) => return pending().await,
         }
     }
-}
-
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Whether waits watch the image for closes (see [`set_close_hint`]).
-pub(crate) fn enabled() -> bool {
-    ENABLED.load(Ordering::Relaxed)
-}
-
-/// Turns the inotify hint off (or back on) for the waits that start afterwards, so benchmarks
-/// can measure what it buys. Not for production use.
-#[doc(hidden)]
-pub fn set_close_hint(enabled: bool) {
-    ENABLED.store(enabled, Ordering::Relaxed);
 }

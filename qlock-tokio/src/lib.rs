@@ -23,9 +23,12 @@
 //!
 //! # What runs where
 //!
-//! Every operation crosses to tokio's blocking pool ([`tokio::task::spawn_blocking`]) at most
-//! once, not once per `fcntl`: opening an image (a path lookup that can stall on NFS), naming
-//! holders (a walk over `/proc`), and [`inspect`] always go there, in one closure each.
+//! Work that may block crosses to tokio's blocking pool ([`tokio::task::spawn_blocking`]) in one closure per
+//! operation, not one per `fcntl`: opening an image (a path lookup that can stall on NFS),
+//! naming holders (a walk over `/proc`), and [`inspect`] always go there. A conflict on an
+//! open guard crosses once, to name the holders; a wait that fails crosses once more at its
+//! end, naming the holders and closing its inotify watch in the same closure (once in all
+//! when its deadline has passed by the first attempt).
 //!
 //! On a local filesystem (ext2/3/4, xfs, btrfs, tmpfs, per
 //! [`qlock_core::sys::is_local_fs`]) a lock call is a non-blocking syscall of well under a
@@ -46,7 +49,8 @@
 //!
 //! # Cancellation
 //!
-//! Dropping any future of this crate at any await point never leaks a lock:
+//! Dropping any future of this crate at any await point never leaks a lock, and never loses
+//! one a guard held:
 //!
 //! - A closure already running on the blocking pool cannot be stopped, so it owns everything it
 //!   opens. An acquire whose future was dropped finishes in the pool, and then its guard is
@@ -54,11 +58,11 @@
 //!   started yet never runs.
 //! - A wait dropped between attempts drops what it opened (acquire) or leaves the guard with
 //!   the access it held before the call ([`ImageLock::wait_for`]).
-//! - On a local filesystem, [`ImageLock::set_access`] and [`ImageLock::wait_for`] change the
-//!   access atomically on the executor, so a dropped call has either changed it fully or not
-//!   at all. On other filesystems the change runs in the pool, owning the descriptor: if the
-//!   call is dropped while it is there, the descriptor is closed when it finishes and the guard
-//!   is left empty ([`ImageLock::is_lost`]); later calls on it fail and it holds nothing.
+//! - [`ImageLock::set_access`] and [`ImageLock::wait_for`] change the access as QEMU does, all
+//!   or nothing, so a dropped call has either changed it fully or not at all. Naming the
+//!   holders of a conflict sends the pool the file's device and inode, not the descriptor. On
+//!   a non-local filesystem, where the change itself runs in the pool, a dropped call's closure
+//!   finishes there and gives the descriptor back; the guard's next call takes it up again.
 //!
 //! This mirrors [`tokio::fs`](https://docs.rs/tokio/latest/tokio/fs/index.html): work handed to the pool completes, and its result is dropped.
 //!
@@ -72,20 +76,20 @@
 #![forbid(unsafe_code)]
 
 mod hint;
-mod offload;
+mod pool;
+mod runtime;
 mod status;
 
-pub use hint::set_close_hint;
-pub use offload::Tokio;
+pub use runtime::Tokio;
 pub use status::inspect;
 
 /// An open image holding QEMU-compatible read locks, for tokio.
 ///
 /// The async twin of [`qlock_core::ImageLock`], with the same methods, errors and QEMU
-/// semantics: [`qlock_core::offload::AsyncImageLock`], the guard both async crates share,
-/// running on tokio. Dropping it releases every lock without blocking the executor (see the
+/// semantics: [`qlock_async::AsyncImageLock`], the guard both async crates share, running
+/// on tokio. Dropping it releases every lock without blocking the executor (see the
 /// [crate docs](crate#dropping-a-guard)).
-pub type ImageLock = qlock_core::offload::AsyncImageLock<Tokio>;
+pub type ImageLock = qlock_async::AsyncImageLock<Tokio>;
 
 #[cfg(test)]
 mod tests {

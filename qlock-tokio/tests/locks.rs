@@ -1,14 +1,12 @@
 //! qlock-tokio against real processes and real files: the scenarios of
-//! `support/scenarios.rs` (shared with qlock-async-std), on a multi-threaded tokio runtime.
-
-mod support;
+//! `qlock_async::testing` (shared with qlock-async-std), on a multi-threaded tokio runtime.
 
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+use qlock_async::testing::scenarios::Harness;
 use qlock_core::{Error, ImageStatus};
-use support::scenarios::Harness;
 
 /// A fresh two-worker tokio runtime per `block_on`, the way services run it.
 enum Tokio {}
@@ -39,4 +37,4 @@ impl Harness for Tokio {
     }
 }
 
-scenario_tests!(Tokio);
+qlock_async::scenario_tests!(Tokio);

@@ -5,8 +5,7 @@
 //! [`scenario_tests!`](crate::scenario_tests), which defines one `#[test]` per scenario running
 //! it on every harness named, in order, plus the `child_process` test that the child roles
 //! (`probe`, `contend`) run in. The guard under test is
-//! [`AsyncImageLock<H::R>`](qlock_core::offload::AsyncImageLock), which is exactly the crate's
-//! `ImageLock`. Holders are real processes (a real `qemu-io`, other test processes), and what is
+//! [`AsyncImageLock<H::R>`](crate::AsyncImageLock), which is exactly the crate's `ImageLock`. Holders are real processes (a real `qemu-io`, other test processes), and what is
 //! held is checked from yet another process ([`held_from_another_process`]).
 
 use std::future::Future;
@@ -16,12 +15,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use qlock_core::offload::{AsyncImageLock, Runtime};
-use qlock_core::{Access, Backoff, Error, ImageStatus, LockOptions, LockSet};
+use qlock_core::{Access, Backoff, Error, ImageStatus, LockOptions, LockSet, Perm};
+use qlock_testkit::{FakeQemu, RawLock};
 
 use super::{
-    Rng, child_report, held_from_another_process, image, qemu_io_can_write, qemu_io_rw, spawn_child,
+    Rng, child_report, held_from_another_process, holders_from_another_process, image, qemu_io_can_write,
+    qemu_io_rw, spawn_child,
 };
+use crate::{AsyncImageLock, Runtime};
 
 /// One async runtime, as the scenarios drive it.
 pub trait Harness {
@@ -50,11 +51,11 @@ pub trait Harness {
 #[macro_export]
 macro_rules! scenario_tests {
     ($($h:ty),+ $(,)?) => {
-        /// Child roles run by re-executing this binary (see `support::spawn_child`).
+        /// Child roles run by re-executing this binary (see `qlock_async::testing::spawn_child`).
         #[test]
         fn child_process() {
-            $crate::support::scenarios::child_process(&[$((<$h as $crate::support::scenarios::Harness>::NAME,
-                $crate::support::scenarios::contend_role::<$h> as fn())),+]);
+            $crate::testing::scenarios::child_process(&[$((<$h as $crate::testing::scenarios::Harness>::NAME,
+                $crate::testing::scenarios::contend_role::<$h> as fn())),+]);
         }
 
         $crate::scenario_tests!(@each [$($h),+]
@@ -62,19 +63,27 @@ macro_rules! scenario_tests {
             a_waiter_gets_in_when_the_holder_quits_or_is_killed,
             the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits,
             an_expiring_deadline_names_the_holders_and_leaves_nothing_held,
+            a_cancelled_access_change_keeps_the_old_locks,
         );
 
         #[test]
+        fn random_cancellations_keep_the_old_or_the_new_access() {
+            let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
+            $($crate::testing::scenarios::random_cancellations_keep_the_old_or_the_new_access::<$h>(
+                $crate::testing::scenarios::STORM / runs);)+
+        }
+
+        #[test]
         fn cancellation_torture_leaks_no_lock() {
-            let runs = [$(<$h as $crate::support::scenarios::Harness>::NAME),+].len() as u64;
-            $($crate::support::scenarios::cancellation_torture_leaks_no_lock::<$h>(
-                $crate::support::scenarios::TORTURE / runs);)+
+            let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
+            $($crate::testing::scenarios::cancellation_torture_leaks_no_lock::<$h>(
+                $crate::testing::scenarios::TORTURE / runs);)+
         }
 
         #[test]
         fn contending_processes_never_overlap_and_all_finish() {
-            $crate::support::scenarios::contending_processes_never_overlap_and_all_finish(&[
-                $(<$h as $crate::support::scenarios::Harness>::NAME),+
+            $crate::testing::scenarios::contending_processes_never_overlap_and_all_finish(&[
+                $(<$h as $crate::testing::scenarios::Harness>::NAME),+
             ]);
         }
     };
@@ -85,7 +94,7 @@ macro_rules! scenario_tests {
     (@one [$($h:ty),+] $name:ident) => {
         #[test]
         fn $name() {
-            $($crate::support::scenarios::$name::<$h>();)+
+            $($crate::testing::scenarios::$name::<$h>();)+
         }
     };
 }
@@ -147,6 +156,8 @@ pub fn contend_role<H: Harness>() {
     println!("QLOCK:done {done} overlaps {overlaps}");
 }
 
+/// Conflicts name a real `qemu-io`; a force-share reader cannot upgrade while it writes, and
+/// can once it quits.
 pub fn acquire_conflicts_name_the_holder_and_access_changes_follow_qemu<H: Harness>() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "a.img");
@@ -245,6 +256,8 @@ pub fn the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits<H: Harne
     }
 }
 
+/// Waits that time out name the holders, hold nothing (acquire) or keep the old access
+/// (`wait_for`).
 pub fn an_expiring_deadline_names_the_holders_and_leaves_nothing_held<H: Harness>() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "d.img");
@@ -363,6 +376,116 @@ pub fn cancellation_torture_leaks_no_lock<H: Harness>(n: u64) {
         assert_eq!(held_from_another_process(path), (LockSet::EMPTY, vec![]), "{}", path.display());
         assert!(qemu_io_can_write(path));
     }
+}
+
+/// Access changes in the storm of [`random_cancellations_keep_the_old_or_the_new_access`],
+/// shared out among a crate's runtimes; each is checked from another process.
+pub const STORM: u64 = 120;
+
+/// The guard's own bytes as another process sees them.
+fn ours_from_outside(path: &Path) -> LockSet {
+    let me = std::process::id();
+    let holders = holders_from_another_process(path);
+    holders.iter().filter(|(pid, _)| *pid == me).fold(LockSet::EMPTY, |acc, (_, b)| acc.union(*b))
+}
+
+fn set(access: Access) -> LockSet {
+    let (perm, unshared) = access.within(Perm::ALL);
+    LockSet::new(perm, unshared)
+}
+
+/// Issue 8.5: another process holds bytes 201 and 203; a force-share guard's upgrade to
+/// `write` (and a `wait_for` whose deadline has passed) fails its lock calls and goes on to
+/// name the holders, and is dropped right there, after one poll. The guard must keep its
+/// descriptor and byte 100, as another process sees once the pool has settled.
+pub fn a_cancelled_access_change_keeps_the_old_locks<H: Harness>() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "x.img");
+    let holder = FakeQemu::builder(&path).raw([RawLock::byte(201), RawLock::byte(203)]).spawn().unwrap();
+    let now = Backoff::default().with_timeout(Duration::ZERO);
+    for call in ["set_access", "wait_for"] {
+        let guard = H::block_on(async {
+            let mut guard = Lock::<H>::acquire(&path, Access::FORCE_SHARE).await.unwrap();
+            let first = match call {
+                "set_access" => futures_lite::future::poll_once(guard.set_access(Access::WRITE)).await,
+                _ => futures_lite::future::poll_once(guard.wait_for(Access::WRITE, &now)).await,
+            };
+            // Pending: the walk over /proc that names the holders takes far longer than a poll.
+            assert!(first.is_none(), "{}: {call} finished at its first poll: {first:?}", H::NAME);
+            guard
+        });
+        assert!(!guard.is_lost(), "{}: {call}", H::NAME);
+        assert_eq!(guard.access(), Access::FORCE_SHARE, "{}: {call}", H::NAME);
+        let mut theirs = LockSet::EMPTY;
+        theirs.add_byte(201);
+        theirs.add_byte(203);
+        let mut expected = vec![(holder.pid(), theirs), (std::process::id(), guard.held())];
+        expected.sort_by_key(|(pid, _)| *pid);
+        let mut seen = holders_from_another_process(&path);
+        seen.sort_by_key(|(pid, _)| *pid);
+        assert_eq!(seen, expected, "{}: {call}", H::NAME);
+        assert_eq!(guard.held().to_string(), "100 | -", "{}: {call}", H::NAME);
+        drop(guard);
+        assert_eq!(ours_from_outside(&path), LockSet::EMPTY, "{}: {call}", H::NAME);
+    }
+}
+
+/// A storm of access changes (`set_access`, `try_set_access`, `wait_for`) on one guard,
+/// each cancelled after a random number of polls or by a random timeout, while a foreign
+/// holder process changes its access now and then. After each, once the pool has settled,
+/// the guard holds its old or its new access, never less, and another process sees exactly
+/// those bytes held by this process.
+pub fn random_cancellations_keep_the_old_or_the_new_access<H: Harness>(n: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "s.img");
+    let mut rng = Rng::from_env_or_clock();
+    let presets: Vec<Access> = Access::PRESETS.iter().map(|p| p.access).collect();
+    let pick = |rng: &mut Rng| presets[rng.below(presets.len() as u64) as usize];
+    // A foreign holder refusing to share bytes of ours at random: raw read locks on 200-203 in
+    // some combination, which its handle sets whatever the guard holds.
+    let refusals = [
+        vec![RawLock::byte(201)],
+        vec![RawLock::byte(201), RawLock::byte(203)],
+        vec![RawLock::byte(200)],
+        vec![RawLock::byte(203)],
+    ];
+    let mut foreign = FakeQemu::builder(&path).raw(refusals[1].clone()).spawn().unwrap();
+    let mut guard = H::block_on(Lock::<H>::acquire(&path, Access::FORCE_SHARE)).unwrap();
+    let (mut kept, mut changed, mut cancelled) = (0, 0, 0);
+    for i in 0..n {
+        if rng.below(3) == 0 {
+            foreign.set_raw(&refusals[rng.below(refusals.len() as u64) as usize]).unwrap();
+        }
+        let old = guard.access();
+        let new = pick(&mut rng);
+        // Mostly one poll, the repro of issue 8.5: a conflict is then cancelled while it names.
+        let (op, polls) = (rng.below(4), [1, 1, 1, 2, 3, 5][rng.below(6) as usize]);
+        let wait = quick().with_timeout(Duration::from_micros(rng.below(3000)));
+        let timeout = Duration::from_micros(rng.below(2000));
+        let done = H::block_on(async {
+            match op {
+                0 => CancelAfter { fut: Box::pin(guard.set_access(new)), polls }.await,
+                1 => CancelAfter { fut: Box::pin(guard.try_set_access(new)), polls }.await,
+                2 => CancelAfter { fut: Box::pin(guard.wait_for(new, &wait)), polls }.await,
+                _ => H::timeout(timeout, guard.set_access(new)).await,
+            }
+            .is_some()
+        });
+        // Each call was polled at least once: a cancellation here is one that had started.
+        if !done {
+            cancelled += 1;
+        }
+        let now = guard.access();
+        let case = format!("{} #{i}: {old:?} -> {new:?}, op {op}, polls {polls}", H::NAME);
+        assert!(!guard.is_lost(), "{case}: lost");
+        assert!(now == old || now == new, "{case}: holds {now:?}");
+        assert_eq!((guard.held(), ours_from_outside(&path)), (set(now), set(now)), "{case}");
+        if now == old { kept += 1 } else { changed += 1 }
+    }
+    eprintln!("{}: kept {kept}, changed {changed}, cancelled {cancelled}", H::NAME);
+    assert!(cancelled > n / 10 && kept > n / 10 && changed > n / 10, "{}: too few of some outcome", H::NAME);
+    drop(guard);
+    assert_eq!(ours_from_outside(&path), LockSet::EMPTY);
 }
 
 /// Two processes per runtime in `runtimes` loop on `write` for one image (see

@@ -1,7 +1,7 @@
-//! Helpers shared by the async crates' tests (the async-std crate includes this file by path):
-//! real holder processes, probes from another process, a seeded random source, and the
-//! scenarios themselves ([`scenarios`]).
-#![allow(dead_code, unreachable_pub)]
+//! The runtime crates' test scenarios and their helpers, shared through this crate's `testing`
+//! feature (a dev-dependency of `qlock-tokio` and `qlock-async-std`): real holder processes,
+//! probes from another process, a seeded random source, and the scenarios themselves
+//! ([`scenarios`], run with [`scenario_tests!`](crate::scenario_tests)). Not for production use.
 
 pub mod scenarios;
 
@@ -49,6 +49,22 @@ pub fn child_report(child: Child) -> Vec<String> {
     text.lines().filter_map(|l| l.find("QLOCK:").map(|i| l[i + 6..].to_owned())).collect()
 }
 
+/// What another process sees held on `path`, holder by holder: each pid with the protocol
+/// bytes it holds.
+pub fn holders_from_another_process(path: &Path) -> Vec<(u32, LockSet)> {
+    let lines = child_report(spawn_child("probe", &[("QLOCK_IMAGE", path.display().to_string())]));
+    let parse = |bytes: &str| {
+        let mut set = LockSet::EMPTY;
+        bytes.split_whitespace().filter_map(|b| b.parse().ok()).for_each(|b| set.add_byte(b));
+        set
+    };
+    let holders = lines.iter().filter_map(|l| l.strip_prefix("holder "));
+    holders
+        .map(|h| h.split_once(' ').unwrap_or((h, "")))
+        .map(|(pid, bytes)| (pid.parse().unwrap(), parse(bytes)))
+        .collect()
+}
+
 /// What another process sees held on `path`: the held bytes and the pids holding them.
 pub fn held_from_another_process(path: &Path) -> (LockSet, Vec<u32>) {
     let lines = child_report(spawn_child("probe", &[("QLOCK_IMAGE", path.display().to_string())]));
@@ -71,6 +87,10 @@ pub fn probe_role() {
     let pids: Vec<String> = status.holders.iter().map(|h| h.pid.to_string()).collect();
     println!("QLOCK:held {}", bytes.join(" "));
     println!("QLOCK:pids {}", pids.join(" "));
+    for h in &status.holders {
+        let bytes: Vec<String> = h.bytes().bytes().map(|b| b.to_string()).collect();
+        println!("QLOCK:holder {} {}", h.pid, bytes.join(" "));
+    }
 }
 
 /// True when a real `qemu-io` can open `path` read-write (it refuses if we hold anything that
@@ -90,6 +110,7 @@ pub fn qemu_io_can_write(path: &Path) -> bool {
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// Seeded from `QLOCK_SEED`, else from the clock.
     pub fn from_env_or_clock() -> Rng {
         let seed = std::env::var("QLOCK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
@@ -98,6 +119,7 @@ impl Rng {
         Rng(seed)
     }
 
+    /// A number in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;

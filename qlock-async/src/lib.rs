@@ -1,0 +1,93 @@
+//! The async guard for QEMU's disk-image locks, on plain `std` futures, generic over a runtime.
+//!
+//! The runtime crates (`qlock-tokio`, `qlock-async-std`) differ only in how they reach their
+//! runtime: which thread pool runs blocking calls, which timer sleeps, which reactor watches
+//! the image for closes. Everything else, and in particular what happens when a future is
+//! dropped half-way, is the same, so it lives here, generic over a [`Runtime`] that supplies
+//! those few pieces. Each runtime crate implements [`Runtime`] for a marker type and names the
+//! guard `type ImageLock = AsyncImageLock<ItsRuntime>`. This crate sits beside `qlock-core` as
+//! smol's `async-fs` sits beside `blocking`: the sync core knows nothing of futures.
+//!
+//! # What runs where
+//!
+//! Opening an image, naming holders and [`inspect`] always cross to the pool, once per
+//! operation. On a local filesystem ([`qlock_core::sys::is_local_fs`]) lock calls are
+//! non-blocking syscalls far cheaper than a pool round trip, so access changes, retries and
+//! releases run inline on the executor; elsewhere (NFS, CIFS, FUSE) they go to the pool too,
+//! and the guard's drop hands the descriptor to the pool ([`Runtime::drop_in_pool`]) because
+//! `close(2)` may wait for a server.
+//!
+//! # Cancellation
+//!
+//! A dropped future never leaks a lock, and a guard never loses one: after any cancellation it
+//! holds exactly its old access or its new one, never less. A closure on the pool owns what it
+//! opens, so a cancelled acquire's guard is closed there. Naming the holders of a conflict
+//! sends the pool only the file's device and inode ([`qlock_core::HolderLookup`]), never the
+//! descriptor. On a non-local filesystem a lock operation does move the descriptor into its
+//! pool closure; if the call is dropped meanwhile, the closure finishes (QEMU's all-or-nothing
+//! change) and gives the descriptor back, and the guard's next call takes it up again.
+//!
+//! # A runtime
+//!
+//! A runtime is a handful of functions on a marker type. This one runs everything inline and
+//! never sleeps, which is only fit for a doc test, but shows the shape:
+//!
+//! ```
+//! use std::time::Duration;
+//! use qlock_async::{AsyncImageLock, Runtime};
+//! use qlock_core::{Access, Error, wake::CloseWatch};
+//! # let dir = tempfile::tempdir().unwrap();
+//! # let path = dir.path().join("disk.img");
+//! # std::fs::write(&path, b"").unwrap();
+//!
+//! enum Inline {}
+//!
+//! impl Runtime for Inline {
+//!     type Hint = ();
+//!     async fn asyncify<T, F>(f: F) -> Result<T, Error>
+//!     where
+//!         F: FnOnce() -> Result<T, Error> + Send + 'static,
+//!         T: Send + 'static,
+//!     {
+//!         f()
+//!     }
+//!     fn drop_in_pool<T: Send + 'static>(value: T) {
+//!         drop(value);
+//!     }
+//!     fn register(_: Option<CloseWatch>) {}
+//!     fn unregister(_: ()) -> Option<CloseWatch> {
+//!         None
+//!     }
+//!     async fn sleep(_: &(), _: Duration) {}
+//! }
+//!
+//! let acquire = AsyncImageLock::<Inline>::acquire(&path, Access::READ);
+//! // Every future above is ready at its first poll.
+//! let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+//! let std::task::Poll::Ready(guard) = std::pin::pin!(acquire).poll(&mut cx) else { unreachable!() };
+//! assert_eq!(guard?.access(), Access::READ);
+//! # Ok::<(), Error>(())
+//! ```
+//!
+//! The runtime crates name the guard with a type alias rather than a newtype: rustdoc shows the
+//! methods on the alias's page all the same, while a newtype would need a forwarding copy of
+//! every method in every crate.
+//!
+//! Modules, bottom up: `runtime` (the trait), `lend` (where the descriptor lives, and how an
+//! operation borrows it), `guard`, `inspect`; and, with the `testing` feature, `testing`: the
+//! scenarios every runtime crate's tests run.
+#![forbid(unsafe_code)]
+
+mod guard;
+mod inspect;
+mod lend;
+mod runtime;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use guard::AsyncImageLock;
+pub use inspect::inspect;
+pub use runtime::Runtime;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,45 @@
+//! [`Runtime`]: the few pieces an async runtime supplies to the guard.
+
+use std::future::Future;
+use std::time::Duration;
+
+use qlock_core::Error;
+use qlock_core::wake::CloseWatch;
+
+/// What an async runtime supplies to [`AsyncImageLock`](crate::AsyncImageLock): a blocking
+/// pool, and a sleep that a close of the image can cut short. Implemented on a marker type by
+/// each runtime crate.
+///
+/// Every future returned must be `Send`, so the guard's futures are too (`tokio::spawn` needs
+/// that).
+///
+/// There is no switch for the close hint here: a benchmark that measures waits without it
+/// wraps a runtime in its own marker type whose [`Runtime::register`] drops the watch (in the
+/// pool) and registers nothing, so the release surface carries no knob meant for benchmarks.
+pub trait Runtime: Send + Sync + 'static {
+    /// A [`CloseWatch`] registered with the runtime's reactor, or nothing (the wait then only
+    /// polls). Dropping it must not block the executor: closing an inotify descriptor waits
+    /// for a kernel grace period of about 10 ms.
+    type Hint: Send + Sync;
+
+    /// Runs `f` on the blocking pool. `f` owns what it works on: if the returned future is
+    /// dropped after `f` started, `f` still finishes and its result is dropped there; if it is
+    /// dropped before, `f` may never run and is dropped unrun.
+    fn asyncify<T, F>(f: F) -> impl Future<Output = Result<T, Error>> + Send
+    where
+        F: FnOnce() -> Result<T, Error> + Send + 'static,
+        T: Send + 'static;
+
+    /// Drops `value` on the blocking pool without waiting (inline where there is no pool).
+    fn drop_in_pool<T: Send + 'static>(value: T);
+
+    /// Registers `watch` with the reactor; called from within the runtime.
+    fn register(watch: Option<CloseWatch>) -> Self::Hint;
+
+    /// Takes a registered watch back out of the reactor, so the guard can close it in a pool
+    /// closure it makes anyway (naming the holders of a failed wait) instead of a hop of its own.
+    fn unregister(hint: Self::Hint) -> Option<CloseWatch>;
+
+    /// Sleeps for `delay`, or less if `hint` sees the image closed meanwhile.
+    fn sleep(hint: &Self::Hint, delay: Duration) -> impl Future<Output = ()> + Send;
+}

@@ -50,6 +50,8 @@ pub mod error;
 #[cfg(feature = "fixtures")]
 pub mod fixtures;
 mod fork;
+#[cfg(feature = "fuse")]
+pub mod fuse;
 pub mod front_end;
 pub mod holder;
 pub mod raw;

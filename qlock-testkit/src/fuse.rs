@@ -13,9 +13,9 @@
 //! - [`Locks::Local`]: no lock handler at all, as in libfuse when the `lock` operation is
 //!   left out: the kernel then keeps the locks itself, local to this host, as on tmpfs.
 //!
-//! The mount is undone when the [`FuseFs`] is dropped, also while a test panics; mounted with
-//! `auto_unmount` where `fusermount3` allows it, so that even a killed test process leaves
-//! nothing mounted.
+//! The mount is undone when the [`FuseFs`] is dropped, also while a test panics; and it is
+//! mounted with `auto_unmount`, so that `fusermount3` unmounts it when the test process is
+//! killed.
 //!
 //! ```no_run
 //! use qlock_testkit::fuse::{FuseFs, Locks};
@@ -151,29 +151,45 @@ impl FuseFs {
         is_mount_point(&self.mountpoint)
     }
 
-    /// Unmounts now and waits for the serving thread.
+    /// Unmounts now and waits for the serving thread to end.
     ///
     /// # Errors
-    /// The error of unmounting (a file still open on the mount keeps it busy).
+    /// The error of `fusermount3 -u`, e.g. when a file is still open on the mount (so a test
+    /// can assert that nothing was left open); the drop that follows unmounts lazily.
     pub fn unmount(mut self) -> Result<()> {
+        let out = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mountpoint)
+            .output()
+            .map_err(Error::io("running fusermount3 -u"))?;
+        if !out.status.success() {
+            return Err(Error::Io {
+                what: "unmounting FUSE",
+                source: io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            });
+        }
+        // The kernel ends the connection: the serving thread sees ENODEV and returns.
         match self.session.take() {
-            Some(s) => s.umount_and_join().map_err(Error::io("unmounting FUSE")),
+            Some(s) => s.join().map_err(Error::io("the FUSE serving thread")),
             None => Ok(()),
         }
     }
 }
 
 impl Drop for FuseFs {
-    /// Unmounts; if the session could not (the serving thread died), falls back to a lazy
-    /// `fusermount3 -u -z`, then `umount -l`, so nothing stays mounted after a panic.
+    /// Unmounts lazily (`fusermount3 -u -z`, then `umount -l`), so nothing stays mounted after
+    /// a panic; the serving thread is left to end when the last open file is closed.
+    ///
+    /// fuser's own unmount cannot be relied on here: under `auto_unmount` it only closes its
+    /// socket to `fusermount3`, which then unmounts only a filesystem whose server is gone.
     fn drop(&mut self) {
+        if is_mount_point(&self.mountpoint) {
+            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mountpoint).output();
+        }
+        if is_mount_point(&self.mountpoint) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).output();
+        }
         drop(self.session.take());
-        if is_mount_point(&self.mountpoint) {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&self.mountpoint).status();
-        }
-        if is_mount_point(&self.mountpoint) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
-        }
     }
 }
 

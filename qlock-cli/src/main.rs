@@ -55,6 +55,14 @@ fn report(err: &qlock_core::Error) -> ExitCode {
         Some(p) => eprintln!("qlock: {p}: {text}"),
         None => eprintln!("qlock: {text}"),
     }
+    print_hint(err);
     let conflict = err.is_conflict() || matches!(err, qlock_core::Error::TimedOut { .. });
     ExitCode::from(if conflict { EXIT_CONFLICT } else { EXIT_ERROR })
+}
+
+/// Prints what to do about `err`, if the library knows, on the lines after its message.
+fn print_hint(err: &qlock_core::Error) {
+    for line in err.hint().iter().flat_map(|h| h.lines()) {
+        eprintln!("hint: {line}");
+    }
 }

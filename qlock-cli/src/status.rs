@@ -21,7 +21,9 @@ pub(crate) fn main(args: &StatusArgs) -> ExitCode {
             .zip(&results)
             .map(|(path, r)| match r {
                 Ok(s) => to_json(s),
-                Err(e) => json!({ "path": path.display().to_string(), "error": e.to_string() }),
+                Err(e) => {
+                    json!({ "path": path.display().to_string(), "error": e.to_string(), "hint": e.hint() })
+                }
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&json!({ "images": images })).unwrap_or_default());
@@ -32,7 +34,10 @@ pub(crate) fn main(args: &StatusArgs) -> ExitCode {
             }
             match r {
                 Ok(s) => print_table(s),
-                Err(e) => eprintln!("qlock: {}: {e}", path.display()),
+                Err(e) => {
+                    eprintln!("qlock: {}: {e}", path.display());
+                    crate::print_hint(e);
+                }
             }
         }
     }

@@ -150,7 +150,9 @@ impl Error {
             Error::Unsupported { path, source, .. } => Some(unsupported_hint(path, source)),
             // The check phase of a lock (QEMU's `Failed to get "write" lock: ...`) on the same
             // kind of filesystem keeps QEMU's message.
-            Error::Lock { path, source, .. } if is_unsupported(source) => Some(unsupported_hint(path, source)),
+            Error::Lock { path, source, .. } if is_unsupported(source) => {
+                Some(unsupported_hint(path, source))
+            }
             Error::TimedOut { last, .. } => last.hint(),
             _ => None,
         }

@@ -80,7 +80,8 @@ fn acquire_fails_at_once_like_qemu_with_a_matchable_error_and_advice() {
         // Waiting cannot help, so a wait fails as fast, with the same error.
         let backoff = Backoff::default().with_timeout(Duration::from_secs(30));
         let started = Instant::now();
-        let err = ImageLock::acquire_wait(&img, Access::WRITE, &LockOptions::default(), &backoff).unwrap_err();
+        let err =
+            ImageLock::acquire_wait(&img, Access::WRITE, &LockOptions::default(), &backoff).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5), "waited {:?}", started.elapsed());
         assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
         assert!(fs.lock_calls() > 0, "the kernel forwarded the lock calls to the filesystem");

@@ -41,8 +41,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
     InitFlags, KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyWrite, Request,
-    SessionACL, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyWrite, Request, SessionACL,
+    TimeOrNow, WriteFlags,
 };
 use tempfile::TempDir;
 
@@ -83,8 +83,10 @@ impl FuseFs {
         if crate::real::find_program("fusermount3", None).is_err() {
             return Err(Error::Unavailable { program: "fusermount3".into(), searched: "PATH".into() });
         }
-        let backing = tempfile::Builder::new().prefix("qlock-fuse-data-").tempdir().map_err(Error::io("tempdir"))?;
-        let mount_dir = tempfile::Builder::new().prefix("qlock-fuse-mnt-").tempdir().map_err(Error::io("tempdir"))?;
+        let backing =
+            tempfile::Builder::new().prefix("qlock-fuse-data-").tempdir().map_err(Error::io("tempdir"))?;
+        let mount_dir =
+            tempfile::Builder::new().prefix("qlock-fuse-mnt-").tempdir().map_err(Error::io("tempdir"))?;
         let lock_calls = Arc::new(AtomicUsize::new(0));
         let fs = PassThrough {
             root: backing.path().to_path_buf(),
@@ -104,7 +106,8 @@ impl FuseFs {
         ];
         // auto_unmount needs allow_other, which only root or `user_allow_other` may set.
         config.acl = SessionACL::All;
-        let session = fuser::spawn_mount(fs, mount_dir.path(), &config).map_err(Error::io("mounting FUSE"))?;
+        let session =
+            fuser::spawn_mount(fs, mount_dir.path(), &config).map_err(Error::io("mounting FUSE"))?;
         let mountpoint = mount_dir.path().to_path_buf();
         Ok(FuseFs { session: Some(session), mountpoint, lock_calls, _mount_dir: mount_dir, backing })
     }

@@ -50,9 +50,9 @@ pub mod error;
 #[cfg(feature = "fixtures")]
 pub mod fixtures;
 mod fork;
+pub mod front_end;
 #[cfg(feature = "fuse")]
 pub mod fuse;
-pub mod front_end;
 pub mod holder;
 pub mod raw;
 mod real;

@@ -162,3 +162,51 @@ fn a_panicking_test_leaves_nothing_mounted() {
     let mountpoint = rx.recv().unwrap();
     assert!(!is_mount_point(&mountpoint), "{} still mounted", mountpoint.display());
 }
+
+/// A killed test process leaves nothing mounted either: `fusermount3` (auto_unmount) unmounts
+/// once the server's end of /dev/fuse is closed by the kernel.
+#[test]
+fn a_killed_test_process_leaves_nothing_mounted() {
+    let Some(probe) = FuseFs::mount_or_skip(Locks::Fail(libc::ENOLCK)) else { return };
+    drop(probe);
+    // This test binary again, running only `mount_then_block` below (which prints its line
+    // after libtest's `test mount_then_block ... `).
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "mount_then_block", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the child test");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let mountpoint = lines
+        .find_map(|l| l.ok()?.split_once("MOUNTED ").map(|(_, p)| std::path::PathBuf::from(p)))
+        .expect("the child mounted");
+    assert!(is_mount_point(&mountpoint));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // fusermount3 gives no signal when done: watch the mount table, for at most 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_mount_point(&mountpoint) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!is_mount_point(&mountpoint), "{} still mounted after SIGKILL", mountpoint.display());
+}
+
+const CHILD_ENV: &str = "QLOCK_TEST_FUSE_CHILD";
+
+/// The child of `a_killed_test_process_leaves_nothing_mounted`; does nothing on its own.
+#[test]
+fn mount_then_block() {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return;
+    }
+    let fs = FuseFs::mount(Locks::Fail(libc::ENOLCK)).expect("mount");
+    // Straight to fd 1: libtest may capture `println!` even under --nocapture.
+    let mut out = std::io::stdout();
+    std::io::Write::write_all(&mut out, format!("MOUNTED {}\n", fs.mountpoint().display()).as_bytes())
+        .unwrap();
+    std::io::Write::flush(&mut out).unwrap();
+    // Until killed: stdin stays open and empty.
+    let _ = std::io::Read::read(&mut std::io::stdin(), &mut [0u8; 1]);
+}

@@ -17,10 +17,10 @@
 //! mounted with `auto_unmount`, so that `fusermount3` unmounts it when the test process is
 //! killed.
 //!
-//! ```no_run
+//! ```
 //! use qlock_testkit::fuse::{FuseFs, Locks};
 //!
-//! let Some(fs) = FuseFs::mount_or_skip(Locks::Fail(nix::libc::ENOLCK)) else { return };
+//! let Some(fs) = FuseFs::mount_or_skip(Locks::Fail(nix::libc::ENOLCK)) else { return Ok(()) };
 //! std::fs::write(fs.path("disk.img"), vec![0; 1 << 20])?;
 //! let err = qlock_core::ImageLock::acquire(fs.path("disk.img"), qlock_core::Access::READ).unwrap_err();
 //! assert!(matches!(err, qlock_core::Error::Unsupported { .. }));

@@ -115,6 +115,7 @@ fn exit(result: Result<Outcome, Failure>) -> ExitCode {
         },
         Err(Failure::Lock { error, conflict }) => {
             say(&message(&error));
+            print_hint(&error);
             if error.conflict().is_some() { conflict } else { EXIT_ERROR }
         }
         Err(Failure::Output(e)) => {
@@ -154,4 +155,12 @@ pub(crate) fn message(err: &Error) -> String {
 /// nowhere left to complain.
 pub(crate) fn say(text: &str) {
     let _ = writeln!(io::stderr().lock(), "qlock: {text}");
+}
+
+/// Prints what to do about `err`, if the library knows, on the lines after its message.
+pub(crate) fn print_hint(err: &Error) {
+    let mut stderr = io::stderr().lock();
+    for line in err.hint().iter().flat_map(|h| h.lines()) {
+        let _ = writeln!(stderr, "hint: {line}");
+    }
 }

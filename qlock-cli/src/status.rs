@@ -25,7 +25,9 @@ pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, F
         let images: Vec<Value> = each()
             .map(|(name, r)| match r {
                 Ok(s) => to_json(s, name),
-                Err(e) => json!({ "path": name.display().to_string(), "error": e.to_string() }),
+                Err(e) => {
+                    json!({ "path": name.display().to_string(), "error": e.to_string(), "hint": e.hint() })
+                }
             })
             .collect();
         let text = serde_json::to_string_pretty(&json!({ "images": images }))
@@ -42,6 +44,7 @@ pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, F
                     // In order with the tables around it.
                     out.flush().map_err(Failure::Output)?;
                     say(&message(e));
+                    crate::print_hint(e);
                 }
             }
         }

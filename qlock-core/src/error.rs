@@ -5,6 +5,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::libc;
+
 use crate::holders::Holder;
 use crate::plan::Check;
 
@@ -69,22 +71,18 @@ pub enum Error {
     /// stopped the lock phase. Nothing this call took is left locked.
     #[error("{0}")]
     Conflict(Box<Conflict>),
-    /// The filesystem cannot do byte-range locks (`ENOLCK`, `EOPNOTSUPP`, `EINVAL`): NFS without
-    /// lockd, some FUSE filesystems. QEMU fails the same way; its only remedy is `locking=off`.
-    #[error(
-        "Failed to lock byte {byte}: {}\n\
-         The filesystem holding '{}' does not support byte-range locks, so neither QEMU nor \
-         qlock can coordinate access to it. Move the image to a local filesystem, enable \
-         locking on the mount (NFS: run rpc.statd/lockd, do not mount with 'nolock'), or \
-         use locking=off and coordinate by other means.",
-        strerror(.source),
-        .path.display()
-    )]
+    /// The filesystem cannot do byte-range locks (`ENOLCK`, `ENOSYS`, `EOPNOTSUPP`, `EINVAL`):
+    /// NFS without lockd, FUSE filesystems that fail or lack the lock operation. QEMU fails the
+    /// same way, with the same first line; [`Error::hint`] says what to do.
+    #[error("{}: {}", failed_call(*.probe, *.byte), strerror(.source))]
     Unsupported {
         /// The path as given.
         path: PathBuf,
-        /// The first byte that could not be locked.
+        /// The first byte of the lock or probe that failed.
         byte: u64,
+        /// True when a probe (`F_OFD_GETLK`, by [`inspect`](crate::inspect)) failed, false
+        /// for a lock (QEMU's `Failed to lock byte N`).
+        probe: bool,
         /// The error from `fcntl(2)`.
         source: io::Error,
     },
@@ -144,6 +142,22 @@ impl Error {
         matches!(self, Error::Conflict(_))
     }
 
+    /// What to do about this error, beyond QEMU's message in `Display`; `None` when there is
+    /// nothing more to say. For a filesystem without lock support: why, and the ways out (two
+    /// lines, no trailing newline).
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::Unsupported { path, source, .. } => Some(unsupported_hint(path, source)),
+            // The check phase of a lock (QEMU's `Failed to get "write" lock: ...`) on the same
+            // kind of filesystem keeps QEMU's message.
+            Error::Lock { path, source, .. } if is_unsupported(source) => {
+                Some(unsupported_hint(path, source))
+            }
+            Error::TimedOut { last, .. } => last.hint(),
+            _ => None,
+        }
+    }
+
     /// Classifies an `open(2)` or `stat(2)` error on `path`.
     pub(crate) fn open(path: &Path, source: io::Error) -> Error {
         let path = path.to_path_buf();
@@ -154,6 +168,36 @@ impl Error {
             _ => Error::Open { path, source },
         }
     }
+}
+
+/// Whether a lock call's error means the filesystem has no byte-range locks at all:
+/// `ENOLCK` (NFS without lockd), `ENOSYS` (a FUSE filesystem without a lock operation that
+/// still asked the kernel to forward locks), `EOPNOTSUPP` and `EINVAL` (filesystems that refuse
+/// the command).
+pub(crate) fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOLCK | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL))
+}
+
+/// QEMU's words for a failed lock (`Failed to lock byte 100`), or ours for a failed probe.
+fn failed_call(probe: bool, byte: u64) -> String {
+    if probe { "Failed to probe byte-range locks".to_string() } else { format!("Failed to lock byte {byte}") }
+}
+
+fn unsupported_hint(path: &Path, source: &io::Error) -> String {
+    let why = match source.raw_os_error() {
+        Some(libc::ENOSYS) => "it does not implement locks",
+        Some(libc::ENOLCK) => "it has no lock service",
+        _ => "it refuses the lock call",
+    };
+    format!(
+        "The filesystem holding '{}' cannot lock ({why}): neither QEMU nor qlock can coordinate \
+         access to the image or see who uses it.\n\
+         Move the image to a local filesystem, or mount it with lock support (NFS: run \
+         rpc.statd, do not mount with 'nolock'; FUSE: a filesystem whose lock operation works, \
+         or that leaves locks to the kernel). Only if nothing else opens the image, use \
+         --locking off (QEMU: file.locking=off).",
+        path.display()
+    )
 }
 
 /// The C library's text for an OS error, as QEMU prints it (`No locks available`), without

@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::access::Access;
-use crate::error::{Error, Result};
+use crate::error::{self, Error, Result};
 use crate::image::{ImageLock, LockOptions, Locking};
 use crate::perm::Perm;
 use crate::plan::{ByteRange, LockSet, Others, Verdict, decide};
@@ -234,10 +234,13 @@ fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {
     let fd = image.file().as_fd();
     let path = image.path();
     let test = |range: ByteRange| {
-        sys::test_write(fd, kind, range).map_err(|source| Error::Lock {
-            path: path.to_path_buf(),
-            message: format!("Failed to probe bytes {}-{}", range.start, range.last()),
-            source,
+        sys::test_write(fd, kind, range).map_err(|source| {
+            let path = path.to_path_buf();
+            if error::is_unsupported(&source) {
+                return Error::Unsupported { path, byte: range.start, probe: true, source };
+            }
+            let end = if range.len == 0 { "EOF".to_string() } else { range.last().to_string() };
+            Error::Lock { path, message: format!("Failed to probe bytes {}-{end}", range.start), source }
         })
     };
     let mut pids = Vec::new();

@@ -12,7 +12,7 @@ use crate::perm::{PERM_BASE, Perm, UNSHARE_BASE};
 pub struct ByteRange {
     /// First byte.
     pub start: u64,
-    /// Number of bytes (at least 1).
+    /// Number of bytes; 0 means to the end of the file and beyond, as in `fcntl(2)`.
     pub len: u64,
 }
 
@@ -27,9 +27,9 @@ impl ByteRange {
         self.start..self.start + self.len
     }
 
-    /// Last byte of the range.
+    /// Last byte of the range (`u64::MAX` for a range to the end of the file).
     pub fn last(self) -> u64 {
-        self.start + self.len - 1
+        if self.len == 0 { u64::MAX } else { self.start + self.len - 1 }
     }
 }
 

@@ -42,7 +42,7 @@
 //!
 //! Modules: [`front_end`] (the spec's table), [`raw`] (lock sets and change plans),
 //! [`holder`] (the handle), `fixtures` (rstest fixtures, the default feature `fixtures`),
-//! [`error`].
+//! `fuse` (a real FUSE filesystem whose locks fail, feature `fuse`), [`error`].
 //!
 //! See README.md for the downstream testing guide.
 
@@ -51,6 +51,8 @@ pub mod error;
 pub mod fixtures;
 mod fork;
 pub mod front_end;
+#[cfg(feature = "fuse")]
+pub mod fuse;
 pub mod holder;
 pub mod raw;
 mod real;

@@ -6,8 +6,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use qlock_core::holders::{HeldRange, Holder, ImageStatus};
 use qlock_core::plan::Verdict;
+use qlock_core::{HeldRange, Holder, ImageStatus};
 use qlock_core::{LockKind, LockSet, Perm, inspect};
 use serde_json::{Value, json};
 

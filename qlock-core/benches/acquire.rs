@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::libc;
-use qlock_core::holders::inspect;
+use qlock_core::inspect;
 use qlock_core::sys::fcntl_calls;
 use qlock_core::{Access, ImageLock, LockOptions};
 

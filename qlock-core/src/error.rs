@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use nix::libc;
 
-use crate::holders::Holder;
 use crate::plan::Check;
+use crate::proc::Holder;
 
 /// A `Result` with qlock's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -80,7 +80,7 @@ pub enum Error {
         path: PathBuf,
         /// The first byte of the lock or probe that failed.
         byte: u64,
-        /// True when a probe (`F_OFD_GETLK`, by [`inspect`](crate::inspect)) failed, false
+        /// True when a probe (`F_OFD_GETLK`, while inspecting an image) failed, false
         /// for a lock (QEMU's `Failed to lock byte N`).
         probe: bool,
         /// The error from `fcntl(2)`.

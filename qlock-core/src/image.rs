@@ -12,10 +12,10 @@ use nix::libc;
 
 use crate::access::Access;
 use crate::error::{Conflict, ConflictReason, Error, Result};
-use crate::holders::{self, FileKey};
 use crate::perm::Perm;
 use crate::plan::{ByteRange, Check, LockSet, Plan, plan};
 use crate::posix::PosixClaim;
+use crate::proc::{self, FileKey};
 use crate::sys::{self, LockKind};
 use crate::wait::{self, Backoff};
 use crate::wake::{self, CloseWatch};
@@ -251,7 +251,7 @@ impl ImageLock {
         Ok(ImageLock {
             file,
             _posix_claim: posix_claim,
-            key: holders::file_key(&md),
+            key: proc::file_key(&md),
             path: path.to_path_buf(),
             kind,
             all: options.all(),
@@ -451,7 +451,7 @@ impl HolderLookup {
             },
             _ => return err,
         };
-        conflict.holders = holders::holding_byte(self.key, self.own_fd, conflict.byte());
+        conflict.holders = proc::holding_byte(self.key, self.own_fd, conflict.byte());
         err
     }
 }
@@ -541,7 +541,7 @@ fn unlock_runs(fd: BorrowedFd<'_>, kind: LockKind, set: LockSet, path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::holders::inspect;
+    use crate::inspect::inspect;
     use crate::sys::seam;
 
     fn image() -> (tempfile::TempDir, PathBuf) {

@@ -23,7 +23,7 @@
 //!
 //! Modules, in the order data flows: [`perm`] (bits and bytes), [`access`] (requests and
 //! presets), [`plan`] (the protocol as pure data), [`sys`] (the fcntl calls), [`image`] (the
-//! guard), [`holders`] (inspection), [`wait`] (backoff), [`wake`] (the
+//! guard), [`inspect`] (status from outside, over the [`Holder`]s of one `/proc` walk), [`wait`] (backoff), [`wake`] (the
 //! inotify hint that ends a wait's sleep early), [`error`]. The async guard, generic over a
 //! runtime, is the `qlock-async` crate's: the sync core ends at [`wake`].
 #![forbid(unsafe_code)]
@@ -31,11 +31,12 @@
 pub mod access;
 pub mod error;
 pub mod graph;
-pub mod holders;
 pub mod image;
+mod inspect;
 pub mod perm;
 pub mod plan;
 mod posix;
+mod proc;
 pub mod sys;
 pub mod wait;
 pub mod wake;
@@ -44,9 +45,10 @@ pub use access::{Access, Preset};
 pub use error::{Conflict, ConflictReason, Error, Result};
 pub use graph::lock::ChainLock;
 pub use graph::{Chain, ChainError, Role};
-pub use holders::{Holder, ImageStatus, inspect};
 pub use image::{HolderLookup, ImageLock, LockOptions, Locking};
+pub use inspect::{ForeignLock, ImageStatus, inspect};
 pub use perm::Perm;
 pub use plan::{LockSet, Verdict};
+pub use proc::{HeldRange, Holder};
 pub use sys::LockKind;
 pub use wait::Backoff;

@@ -5,7 +5,7 @@
 //! watches for them can retry at once instead of at the end of its backoff delay. It is only a
 //! hint: a holder can drop locks without closing (QEMU inactivating an image for migration),
 //! closes on other hosts of a network filesystem are never reported, and unrelated closes wake
-//! the waiter for nothing. So waiting stays polling ([`crate::wait::retry`]); the hint only
+//! the waiter for nothing. So waiting stays polling (the backoff loop of [`Backoff`](crate::Backoff)); the hint only
 //! ends a sleep early.
 //!
 //! Two costs to plan for: closing a watch waits for an SRCU grace period in the kernel (about

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::libc;
-use qlock_core::holders::inspect;
+use qlock_core::inspect;
 use qlock_core::{Access, Backoff, Error, ImageLock, LockOptions, Verdict};
 use qlock_testkit::fuse::{FuseFs, Locks};
 use qlock_testkit::{FakeQemu, Format, FrontEnd};

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use common::{Helper, Raw, held_from_outside, hold, image, paths_env, set};
 use qlock_core::error::ConflictReason;
-use qlock_core::holders::inspect;
+use qlock_core::inspect;
 use qlock_core::plan::{Check, Others, decide};
 use qlock_core::{Access, Backoff, Error, ImageLock, LockKind, LockOptions, LockSet, Locking, Perm, Verdict};
 use qlock_testkit::{FakeQemu, RawLock};

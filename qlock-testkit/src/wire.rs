@@ -1,6 +1,6 @@
 //! The fixed-size messages between a test and its forked holder.
 //!
-//! The parent plans every step (see [`crate::raw`]); the child only runs a list of fcntl
+//! The parent plans every step (see the `raw` module); the child only runs a list of fcntl
 //! operations. Messages are plain byte arrays built and read with `to_le_bytes`, so the child
 //! decodes them without allocating, which is all it may do after `fork` in a threaded process.
 

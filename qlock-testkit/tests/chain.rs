@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qlock_core::LockSet;
-use qlock_core::holders::inspect;
+use qlock_core::inspect;
 use qlock_testkit::{Access, Error, FakeQemu, Format, FrontEnd};
 
 fn have_qemu() -> bool {

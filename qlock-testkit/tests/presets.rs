@@ -1,7 +1,7 @@
 //! Every preset and raw lock set holds exactly its bytes, seen from outside the holder through
 //! the kernel (`/proc/PID/fdinfo` lock lines and `F_OFD_GETLK` probes, via `qlock_core::inspect`).
 
-use qlock_core::holders::{HeldRange, ImageStatus};
+use qlock_core::{HeldRange, ImageStatus};
 use qlock_core::{LockKind, LockSet, Perm};
 use qlock_testkit::fixtures::TempImage;
 use qlock_testkit::{FakeQemu, Format, FrontEnd, HolderKind, RawLock};

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use qlock_core::LockSet;
-use qlock_core::holders::inspect;
+use qlock_core::inspect;
 use qlock_testkit::{FakeQemu, Format, FrontEnd};
 use xtask::qemu::QemuBuild;
 

@@ -306,7 +306,7 @@ impl Retry for ChainError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::holders::inspect;
+    use crate::inspect::inspect;
     use crate::perm::Perm;
     use crate::sys::seam;
     use nix::libc;

@@ -13,7 +13,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
-use qlock_core::holders::inspect;
+use qlock_core::inspect;
 use qlock_core::{
     Access, Error, ImageLock, LockOptions, LockSet, Locking, Perm, Verdict, error::ConflictReason,
 };

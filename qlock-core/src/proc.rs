@@ -1,26 +1,22 @@
-//! Who holds what on an image: byte probes for the state, `/proc/PID/fdinfo` for the holders.
+//! Who holds what, from `/proc`: the fdinfo `lock:` lines of every process (a leaf).
 //!
 //! `F_OFD_GETLK` tells *that* a byte is held but reports pid -1 for OFD locks, and
 //! `/proc/locks` does the same (and is no consistent snapshot under churn). The kernel repeats
 //! each lock in the `lock:` lines of the holder's `/proc/PID/fdinfo/FD`, so one walk over
 //! `/proc` names the holders of any number of images at once. Processes of other users whose
 //! fdinfo cannot be read are skipped: their bytes still show in the probes, as held by an
-//! unknown holder.
+//! unknown holder. This module opens no image and knows no guard: the error and the guard
+//! point down to it, and the inspection of images builds on both.
 
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::fs::{self, File, Metadata};
 use std::io::Read;
-use std::os::fd::{AsFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 
-use crate::access::Access;
-use crate::error::{self, Error, Result};
-use crate::image::{ImageLock, LockOptions, Locking};
-use crate::perm::Perm;
-use crate::plan::{ByteRange, LockSet, Others, Verdict, decide};
-use crate::sys::{self, FoundLock, LockKind};
+use crate::plan::LockSet;
+use crate::sys::{FoundLock, LockKind};
 
 /// A range one lock covers, as the kernel reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,7 +51,7 @@ impl HeldRange {
         }
     }
 
-    fn from_found(l: FoundLock) -> HeldRange {
+    pub(crate) fn from_found(l: FoundLock) -> HeldRange {
         let end = (l.len != 0).then(|| l.start + l.len - 1);
         HeldRange { start: l.start, end, write: l.write }
     }
@@ -126,89 +122,6 @@ impl fmt::Display for Holder {
     }
 }
 
-/// A lock that does not fit QEMU's protocol.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ForeignLock {
-    /// What it covers.
-    pub range: HeldRange,
-    /// Its holder's pid, when known.
-    pub pid: Option<u32>,
-    /// Why it is foreign.
-    pub reason: &'static str,
-}
-
-/// Everything known about the locks on one image, from outside.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageStatus {
-    /// The image as given.
-    pub path: PathBuf,
-    /// Protocol bytes held by others (read or write), including the legacy 104/204, from
-    /// `F_GETLK` probes: authoritative, whoever holds them.
-    pub others: Others,
-    /// The holders found in `/proc`.
-    pub holders: Vec<Holder>,
-    /// True when some held byte has no visible holder (another user's process, another host).
-    pub unidentified: bool,
-    /// Locks that do not fit the protocol.
-    pub foreign: Vec<ForeignLock>,
-    /// For each preset, what QEMU would answer it now.
-    pub presets: Vec<(&'static str, Verdict)>,
-    /// The lock commands probed with; `None` when this host has no usable byte-range locks.
-    pub lock_kind: Option<LockKind>,
-}
-
-impl ImageStatus {
-    /// Whether `access` could be acquired now, by QEMU's rules (legacy bytes ignored).
-    pub fn verdict(&self, access: Access) -> Verdict {
-        let (perm, unshared) = access.within(Perm::ALL);
-        let mask = |s: LockSet| s.intersect(LockSet::new(Perm::ALL, Perm::ALL));
-        let others = Others { held: mask(self.others.held), write_locked: mask(self.others.write_locked) };
-        decide(others, LockSet::EMPTY, LockSet::new(perm, unshared))
-    }
-}
-
-/// Inspects many images with one walk over `/proc`.
-///
-/// Each image is opened read-only and probed; nothing is locked. One result per path, in order:
-/// a missing or unreadable image fails alone.
-///
-/// ```
-/// use qlock_core::{Access, ImageLock, holders::inspect};
-/// # let dir = tempfile::tempdir().unwrap();
-/// # let path = dir.path().join("disk.img");
-/// # std::fs::write(&path, b"").unwrap();
-///
-/// let _vm = ImageLock::acquire(&path, Access::WRITE)?;
-/// let status = inspect(&[&path]).remove(0)?;
-/// assert_eq!(status.others.held.to_string(), "100 101 103 | 201 203");
-/// assert_eq!(status.holders[0].pid, std::process::id());
-/// # Ok::<(), qlock_core::Error>(())
-/// ```
-pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
-    let probe_opts = LockOptions { locking: Locking::On, ..LockOptions::default() };
-    let mut keys = HashMap::new();
-    let mut out: Vec<Result<(ImageStatus, Vec<Option<u32>>)>> = paths
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let image = ImageLock::open(p.as_ref(), &probe_opts)?;
-            let (status, posix_pids) = probe(&image)?;
-            if !status.others.held.is_empty() || !status.foreign.is_empty() {
-                keys.insert(image.file_key(), i);
-            }
-            Ok((status, posix_pids))
-        })
-        .collect();
-    let mut found = scan_proc(&keys, None);
-    for (i, entry) in out.iter_mut().enumerate() {
-        if let Ok((status, posix_pids)) = entry {
-            status.holders = found.remove(&i).unwrap_or_default();
-            finish(status, posix_pids);
-        }
-    }
-    out.into_iter().map(|r| r.map(|(s, _)| s)).collect()
-}
-
 /// The processes (other than descriptor `own_fd` of this process) holding a lock that covers
 /// `byte` of the file `key`.
 pub(crate) fn holding_byte(key: FileKey, own_fd: RawFd, byte: u64) -> Vec<Holder> {
@@ -217,100 +130,6 @@ pub(crate) fn holding_byte(key: FileKey, own_fd: RawFd, byte: u64) -> Vec<Holder
     let mut holders = scan_proc(&keys, Some(own)).remove(&0).unwrap_or_default();
     holders.retain(|h| h.covers(byte));
     holders
-}
-
-/// Probes the protocol bytes and the ranges around them from a fresh description.
-fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {
-    let mut status = ImageStatus {
-        path: image.path().to_path_buf(),
-        others: Others::default(),
-        holders: Vec::new(),
-        unidentified: false,
-        foreign: Vec::new(),
-        presets: Vec::new(),
-        lock_kind: image.lock_kind(),
-    };
-    let Some(kind) = image.lock_kind() else { return Ok((status, Vec::new())) };
-    let fd = image.file().as_fd();
-    let path = image.path();
-    let test = |range: ByteRange| {
-        sys::test_write(fd, kind, range).map_err(|source| {
-            let path = path.to_path_buf();
-            if error::is_unsupported(&source) {
-                return Error::Unsupported { path, byte: range.start, probe: true, source };
-            }
-            let end = if range.len == 0 { "EOF".to_string() } else { range.last().to_string() };
-            Error::Lock { path, message: format!("Failed to probe bytes {}-{end}", range.start), source }
-        })
-    };
-    let mut pids = Vec::new();
-    // Most images are free: one probe over the whole file settles it.
-    if test(ByteRange { start: 0, len: 0 })?.is_none() {
-        return Ok((status, pids));
-    }
-    for b in (100..=104).chain(200..=204) {
-        if let Some(l) = test(ByteRange::byte(b))? {
-            status.others.held.add_byte(b);
-            if l.write {
-                status.others.write_locked.add_byte(b);
-            }
-            note_foreign(&mut status.foreign, l);
-            pids.push(l.pid);
-        }
-    }
-    for range in [
-        ByteRange { start: 0, len: 100 },
-        ByteRange { start: 105, len: 95 },
-        ByteRange { start: 205, len: 0 },
-    ] {
-        if let Some(l) = test(range)? {
-            note_foreign(&mut status.foreign, l);
-            pids.push(l.pid);
-        }
-    }
-    Ok((status, pids))
-}
-
-fn note_foreign(foreign: &mut Vec<ForeignLock>, l: FoundLock) {
-    let range = HeldRange::from_found(l);
-    if let Some(reason) = range.foreign_reason() {
-        if !foreign.iter().any(|f| f.range == range && f.pid == l.pid) {
-            foreign.push(ForeignLock { range, pid: l.pid, reason });
-        }
-    }
-}
-
-/// Joins the probes with the holders found in `/proc`.
-fn finish(status: &mut ImageStatus, posix_pids: &[Option<u32>]) {
-    for pid in posix_pids.iter().flatten() {
-        if !status.holders.iter().any(|h| h.pid == *pid) {
-            let command = comm(*pid);
-            status.holders.push(Holder {
-                pid: *pid,
-                command,
-                fd: None,
-                kind: LockKind::Posix,
-                ranges: Vec::new(),
-            });
-        }
-    }
-    let mut foreign = std::mem::take(&mut status.foreign);
-    for h in &status.holders {
-        for r in &h.ranges {
-            if let Some(reason) = r.foreign_reason() {
-                foreign.retain(|f| f.range != *r || f.pid.is_some_and(|p| p != h.pid));
-                foreign.push(ForeignLock { range: *r, pid: Some(h.pid), reason });
-            }
-        }
-    }
-    status.foreign = foreign;
-    let seen = status.holders.iter().fold(LockSet::EMPTY, |acc, h| acc.union(h.bytes()));
-    status.unidentified = !seen.contains(status.others.held)
-        || status
-            .foreign
-            .iter()
-            .any(|f| f.pid.is_none() && !status.holders.iter().any(|h| h.ranges.contains(&f.range)));
-    status.presets = Access::PRESETS.iter().map(|p| (p.name, status.verdict(p.access))).collect();
 }
 
 /// Device (major, minor) and inode, as fdinfo `lock:` lines print them.
@@ -326,7 +145,7 @@ pub(crate) fn file_key(md: &Metadata) -> FileKey {
 ///
 /// The thousands of small fdinfo reads dominate (see `cargo bench -p qlock-core -- inspect`), so
 /// a large walk is split over two threads.
-fn scan_proc(
+pub(crate) fn scan_proc(
     keys: &HashMap<FileKey, usize>,
     exclude: Option<(u32, Option<u32>)>,
 ) -> HashMap<usize, Vec<Holder>> {
@@ -448,7 +267,7 @@ fn read_small(path: &str, buf: &mut Vec<u8>) -> std::io::Result<()> {
     }
 }
 
-fn comm(pid: u32) -> Option<String> {
+pub(crate) fn comm(pid: u32) -> Option<String> {
     let s = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
     Some(s.trim_end().to_string())
 }

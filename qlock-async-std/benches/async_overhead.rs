@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use async_io::Timer;
 use qlock_async::{AsyncImageLock, Runtime};
 use qlock_async_std::AsyncStd;
-use qlock_core::wake::CloseWatch;
+use qlock_core::CloseWatch;
 use qlock_core::{Access, Backoff, Error, LockOptions};
 use qlock_testkit::FakeQemu;
 

@@ -4,7 +4,7 @@ use std::future::pending;
 use std::time::Duration;
 
 use async_io::{Async, Timer};
-use qlock_core::wake::CloseWatch;
+use qlock_core::CloseWatch;
 
 use crate::pool;
 

@@ -36,7 +36,7 @@
 //! when its deadline has passed by the first attempt).
 //!
 //! On a local filesystem (ext2/3/4, xfs, btrfs, tmpfs, per
-//! [`qlock_core::sys::is_local_fs`]) a lock call is a non-blocking syscall of well under a
+//! [`qlock_core::is_local_fs`]) a lock call is a non-blocking syscall of well under a
 //! microsecond, a tenth of a pool round trip, so the retries of a wait, access changes on an
 //! open guard and releases run inline on the executor. On any other filesystem (NFS, CIFS,
 //! FUSE) each of those goes to the pool too.
@@ -45,8 +45,8 @@
 //!
 //! [`ImageLock::acquire_wait`] and [`ImageLock::wait_for`] poll with the core's jittered
 //! exponential [`Backoff`](qlock_core::Backoff) through the core's one waiting loop,
-//! [`qlock_core::wait::retry`], sleeping on [`async_io::Timer`]s. While they sleep they also
-//! watch the image with inotify ([`qlock_core::wake::CloseWatch`], registered with the reactor
+//! [`qlock_core::retry`], sleeping on [`async_io::Timer`]s. While they sleep they also
+//! watch the image with inotify ([`qlock_core::CloseWatch`], registered with the reactor
 //! as an [`async_io::Async`]): when some process closes the image, which is when QEMU's locks
 //! go away, they retry at once. Polling stays the fallback for holders that drop locks without
 //! closing and for closes inotify cannot see (other hosts).

@@ -4,8 +4,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use qlock_async::Runtime;
+use qlock_core::CloseWatch;
 use qlock_core::Error;
-use qlock_core::wake::CloseWatch;
 
 use crate::hint::Hint;
 use crate::pool;

@@ -7,10 +7,10 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use qlock_core::sys::is_local_fs;
-use qlock_core::wait::{Backoff, Retry, retry};
-use qlock_core::wake::CloseWatch;
+use qlock_core::CloseWatch;
+use qlock_core::is_local_fs;
 use qlock_core::{Access, Error, LockOptions, LockSet};
+use qlock_core::{Backoff, Retry, retry};
 
 use crate::lend::{Core, Home, busy};
 use crate::runtime::Runtime;

@@ -11,7 +11,7 @@
 //! # What runs where
 //!
 //! Opening an image, naming holders and [`inspect`] always cross to the pool, once per
-//! operation. On a local filesystem ([`qlock_core::sys::is_local_fs`]) lock calls are
+//! operation. On a local filesystem ([`qlock_core::is_local_fs`]) lock calls are
 //! non-blocking syscalls far cheaper than a pool round trip, so access changes, retries and
 //! releases run inline on the executor; elsewhere (NFS, CIFS, FUSE) they go to the pool too,
 //! and the guard's drop hands the descriptor to the pool ([`Runtime::drop_in_pool`]) because

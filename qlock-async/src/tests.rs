@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use qlock_core::wake::CloseWatch;
+use qlock_core::CloseWatch;
 use qlock_core::{Access, Backoff, Error, LockOptions, LockSet, Perm};
 
 use crate::{AsyncImageLock, Runtime, inspect};

@@ -4,8 +4,8 @@ use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use qlock_core::wake::{CloseWatch, sleep_or_close};
-use qlock_core::{Access, Backoff, Error, ImageLock, Perm, wait};
+use qlock_core::{Access, Backoff, Error, ImageLock, Perm, retry_blocking};
+use qlock_core::{CloseWatch, sleep_or_close};
 
 use crate::cli::HoldArgs;
 use crate::images::Names;
@@ -52,7 +52,7 @@ pub(crate) fn take(args: &HoldArgs, waiting: Option<Backoff>) -> Result<Vec<Imag
     let mut last = None;
     // Made at the first sleep: an uncontended wait should not pay ~10 ms to close them.
     let mut watches: Option<Vec<CloseWatch>> = None;
-    let result = wait::retry_blocking(
+    let result = retry_blocking(
         &backoff,
         || {
             attempt(&mut locks, access).map_err(|(i, e)| {

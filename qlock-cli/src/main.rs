@@ -31,7 +31,7 @@ use std::process::{ExitCode, ExitStatus};
 use clap::Parser;
 use nix::sys::signal::Signal;
 use qlock_core::Error;
-use qlock_core::error::strerror;
+use qlock_core::strerror;
 
 /// Exit status for a conflict with another holder (or a wait that timed out).
 const EXIT_CONFLICT: u8 = 1;

@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use qlock_core::plan::Verdict;
+use qlock_core::Verdict;
 use qlock_core::{HeldRange, Holder, ImageStatus};
 use qlock_core::{LockKind, LockSet, Perm, inspect};
 use serde_json::{Value, json};

@@ -19,8 +19,8 @@ use std::time::Instant;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::libc;
+use qlock_core::fcntl_calls;
 use qlock_core::inspect;
-use qlock_core::sys::fcntl_calls;
 use qlock_core::{Access, ImageLock, LockOptions};
 
 const ROLE: &str = "QLOCK_BENCH_ROLE";

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use nix::libc;
 
-use crate::plan::Check;
 use crate::proc::Holder;
+use crate::protocol::Check;
 
 /// A `Result` with qlock's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -17,7 +17,7 @@
 //! qcow2 and raw are followed; raw is a leaf. Other formats are refused, naming the format.
 //! Nothing is ever written: every node is opened read-only with `O_CLOEXEC`.
 
-pub mod lock;
+mod lock;
 pub mod qcow2;
 pub mod rules;
 
@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 use crate::image::{ImageLock, LockOptions};
+pub use lock::ChainLock;
 use qcow2::{Header, HeaderError, Probed};
 
 /// The deepest backing chain followed. Each node holds a descriptor (twice that with data

@@ -13,8 +13,8 @@ use crate::access::Access;
 use crate::error::{self, Error, Result};
 use crate::image::{ImageLock, LockOptions, Locking};
 use crate::perm::Perm;
-use crate::plan::{ByteRange, LockSet, Others, Verdict, decide};
 use crate::proc::{self, HeldRange, Holder};
+use crate::protocol::{ByteRange, LockSet, Others, Verdict, decide};
 use crate::sys::{self, FoundLock, LockKind};
 
 /// A lock that does not fit QEMU's protocol.

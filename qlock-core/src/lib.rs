@@ -21,34 +21,43 @@
 //! # Ok::<(), qlock_core::Error>(())
 //! ```
 //!
-//! Modules, in the order data flows: [`perm`] (bits and bytes), [`access`] (requests and
-//! presets), [`plan`] (the protocol as pure data), [`sys`] (the fcntl calls), [`image`] (the
-//! guard), [`inspect`] (status from outside, over the [`Holder`]s of one `/proc` walk), [`wait`] (backoff), [`wake`] (the
-//! inotify hint that ends a wait's sleep early), [`error`]. The async guard, generic over a
-//! runtime, is the `qlock-async` crate's: the sync core ends at [`wake`].
+//! One path per item, as fd-lock and `tokio::fs` do: every type and function is at the crate
+//! root, and the modules that define them are private. Two modules are public on purpose,
+//! because each is a namespace a caller reads as a whole: [`plan`], the protocol as pure data
+//! (the steps of an access change and QEMU's reference verdict, replayable without a file), and
+//! [`graph`], image formats and backing chains (qcow2 headers, the per-node rules, the chain
+//! guard), whose names (`Node`, `Role`, `Format`, `rules::User`) only mean something next to
+//! each other.
+//!
+//! Modules, bottom up, in the order data flows: `perm` (bits and bytes), `access` (requests
+//! and presets), `protocol` (byte sets, plans and verdicts, behind [`plan`]), `sys` (the fcntl
+//! calls), `proc` (the `/proc` walk that names holders: a leaf), `error`, `wait` (backoff) and
+//! `wake` (the inotify hint that ends a wait's sleep early), `image` (the guard), `inspect`
+//! (status from outside), [`graph`]. The async guard, generic over a runtime, is the
+//! `qlock-async` crate's: the sync core ends at the wake hint ([`CloseWatch`]).
 #![forbid(unsafe_code)]
 
-pub mod access;
-pub mod error;
+mod access;
+mod error;
 pub mod graph;
-pub mod image;
+mod image;
 mod inspect;
-pub mod perm;
+mod perm;
 pub mod plan;
 mod posix;
 mod proc;
-pub mod sys;
-pub mod wait;
-pub mod wake;
+mod protocol;
+mod sys;
+mod wait;
+mod wake;
 
 pub use access::{Access, Preset};
-pub use error::{Conflict, ConflictReason, Error, Result};
-pub use graph::lock::ChainLock;
-pub use graph::{Chain, ChainError, Role};
+pub use error::{Conflict, ConflictReason, Error, Result, strerror};
 pub use image::{HolderLookup, ImageLock, LockOptions, Locking};
 pub use inspect::{ForeignLock, ImageStatus, inspect};
-pub use perm::Perm;
-pub use plan::{LockSet, Verdict};
+pub use perm::{PERM_BASE, Perm, UNSHARE_BASE};
 pub use proc::{HeldRange, Holder};
-pub use sys::LockKind;
-pub use wait::Backoff;
+pub use protocol::{ByteRange, Check, LockSet, Others, Runs, Verdict};
+pub use sys::{LockKind, fcntl_calls, is_local_fs};
+pub use wait::{Backoff, Delays, Retry, retry, retry_blocking};
+pub use wake::{CloseWatch, sleep_or_close};

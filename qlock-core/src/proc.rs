@@ -15,7 +15,7 @@ use std::io::Read;
 use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 
-use crate::plan::LockSet;
+use crate::protocol::LockSet;
 use crate::sys::{FoundLock, LockKind};
 
 /// A range one lock covers, as the kernel reports it.

@@ -20,7 +20,7 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
 
-use crate::plan::ByteRange;
+use crate::protocol::ByteRange;
 
 /// Which family of fcntl lock commands a descriptor uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,7 +34,7 @@ pub enum LockKind {
 
 /// A lock another description holds, as `F_GETLK` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FoundLock {
+pub(crate) struct FoundLock {
     /// The reported range; `len == 0` means "to the end of the file".
     pub start: u64,
     /// Length; 0 for "to end of file".
@@ -46,7 +46,7 @@ pub struct FoundLock {
 }
 
 /// Whether this kernel supports OFD locks, probed once per process on `/dev/null` like QEMU.
-pub fn ofd_supported() -> bool {
+pub(crate) fn ofd_supported() -> bool {
     static OFD: OnceLock<bool> = OnceLock::new();
     *OFD.get_or_init(|| {
         let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") else {
@@ -67,7 +67,7 @@ pub fn ofd_supported() -> bool {
 ///
 /// ```
 /// let tmp = std::fs::File::open(std::env::temp_dir())?;
-/// let _local: bool = qlock_core::sys::is_local_fs(std::os::fd::AsFd::as_fd(&tmp));
+/// let _local: bool = qlock_core::is_local_fs(std::os::fd::AsFd::as_fd(&tmp));
 /// # Ok::<(), std::io::Error>(())
 /// ```
 ///

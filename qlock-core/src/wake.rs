@@ -17,7 +17,7 @@
 //! (tokio's `AsyncFd`, async-io's `Async`) and call [`CloseWatch::drain`] when it is readable.
 //!
 //! ```
-//! use qlock_core::wake::CloseWatch;
+//! use qlock_core::CloseWatch;
 //! # let dir = tempfile::tempdir().unwrap();
 //! # let path = dir.path().join("disk.img");
 //! # std::fs::write(&path, b"").unwrap();

@@ -9,7 +9,8 @@
 mod common;
 
 use common::{Raw, all_accesses, held_from_outside, image, lockset_of_mask, set, verdict_of};
-use qlock_core::plan::{Others, decide};
+use qlock_core::Others;
+use qlock_core::plan::decide;
 use qlock_core::{Access, Error, ImageLock, LockOptions, LockSet, Verdict};
 
 /// Holder lookup in `/proc` is not what these tests are about and would dominate their time.

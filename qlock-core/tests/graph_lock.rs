@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::Helper;
+use qlock_core::graph::ChainLock;
 use qlock_core::graph::{Chain, Format};
-use qlock_core::{Access, ChainLock, ImageLock, LockOptions, Perm};
+use qlock_core::{Access, ImageLock, LockOptions, Perm};
 use qlock_testkit::{FakeQemu, FrontEnd};
 
 fn qemu() -> bool {
@@ -83,7 +84,7 @@ const NEWCOMERS: [(FrontEnd, &[&str]); 3] = [
     (FrontEnd::QemuIoForceShare, &["-r", "-U", "-f", "qcow2"]),
 ];
 
-fn lock_as(top: &Path, fe: FrontEnd) -> Result<ChainLock, qlock_core::ChainError> {
+fn lock_as(top: &Path, fe: FrontEnd) -> Result<ChainLock, qlock_core::graph::ChainError> {
     let opts = LockOptions::default();
     let chain = Chain::discover(ImageLock::open(top, &opts).unwrap(), Some(Format::Qcow2), |p| {
         ImageLock::open(p, &opts)

@@ -15,10 +15,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Helper, Raw, held_from_outside, hold, image, paths_env, set};
-use qlock_core::error::ConflictReason;
+use qlock_core::ConflictReason;
 use qlock_core::inspect;
-use qlock_core::plan::{Check, Others, decide};
+use qlock_core::plan::decide;
 use qlock_core::{Access, Backoff, Error, ImageLock, LockKind, LockOptions, LockSet, Locking, Perm, Verdict};
+use qlock_core::{Check, Others};
 use qlock_testkit::{FakeQemu, RawLock};
 
 /// Not a test: the body of the helper processes. Does nothing in a normal run.

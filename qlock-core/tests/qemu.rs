@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::{have, parse_bytes, set};
+use qlock_core::Others;
 use qlock_core::inspect;
-use qlock_core::plan::{Others, decide};
+use qlock_core::plan::decide;
 use qlock_core::{Access, ImageLock, LockOptions, LockSet, Perm, Verdict};
 use qlock_testkit::{FakeQemu, Format, FrontEnd, RawLock};
 

@@ -30,7 +30,7 @@ pub enum Error {
     #[error("invalid holder request: {0}")]
     Invalid(String),
     /// The holder could not open the image.
-    #[error("holder could not open '{}': {}", .path.display(), qlock_core::error::strerror(.source))]
+    #[error("holder could not open '{}': {}", .path.display(), qlock_core::strerror(.source))]
     Open {
         /// The image.
         path: PathBuf,
@@ -44,10 +44,10 @@ pub enum Error {
     /// A chain holder ([`HolderBuilder::chain`](crate::HolderBuilder::chain)) could not
     /// discover the graph, or a node refused: QEMU's message with its prefix, naming the node.
     #[error(transparent)]
-    Chain(#[from] qlock_core::ChainError),
+    Chain(#[from] qlock_core::graph::ChainError),
     /// A lock of a raw set could not be taken (someone holds a conflicting lock, or the
     /// descriptor is read-only for a write lock). Nothing of the attempt stays held.
-    #[error("Failed to lock {lock}: {}", qlock_core::error::strerror(.source))]
+    #[error("Failed to lock {lock}: {}", qlock_core::strerror(.source))]
     RawLock {
         /// The lock that failed.
         lock: RawLock,

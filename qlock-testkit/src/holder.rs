@@ -15,10 +15,10 @@ use nix::sys::resource::{Resource, getrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
-use qlock_core::error::{Conflict, ConflictReason};
+use qlock_core::Check;
 use qlock_core::graph::{Chain, ChainError, Role};
-use qlock_core::plan::Check;
 use qlock_core::{Access, ImageLock, LockOptions, LockSet, Locking, Perm};
+use qlock_core::{Conflict, ConflictReason};
 
 use crate::error::{Error, Result};
 use crate::fork::{ChildSetup, MAX_NODES, fork_holder};

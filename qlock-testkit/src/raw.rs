@@ -7,7 +7,8 @@
 
 use std::fmt;
 
-use qlock_core::plan::{Check, plan};
+use qlock_core::Check;
+use qlock_core::plan::plan;
 use qlock_core::{LockSet, Perm};
 
 use crate::wire::{Cmd, Op, Request};

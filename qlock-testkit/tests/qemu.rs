@@ -8,8 +8,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use qlock_core::plan::{Others, Verdict, decide};
+use qlock_core::plan::decide;
 use qlock_core::{LockSet, Perm};
+use qlock_core::{Others, Verdict};
 use qlock_testkit::fixtures::TempImage;
 use qlock_testkit::{Access, Error, FakeQemu, Format, FrontEnd};
 use rstest::rstest;

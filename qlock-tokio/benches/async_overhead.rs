@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use qlock_async::{AsyncImageLock, Runtime};
-use qlock_core::wake::CloseWatch;
+use qlock_core::CloseWatch;
 use qlock_core::{Access, Backoff, Error, LockOptions};
 use qlock_tokio::Tokio;
 

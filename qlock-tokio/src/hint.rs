@@ -4,7 +4,7 @@ use std::future::pending;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::Duration;
 
-use qlock_core::wake::CloseWatch;
+use qlock_core::CloseWatch;
 use tokio::io::unix::AsyncFd;
 
 use crate::pool;

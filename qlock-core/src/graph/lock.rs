@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::graph::rules::{self, User};
 use crate::graph::{Chain, ChainError, Format, Node, Role};
 use crate::image::LockOptions;
-use crate::plan::LockSet;
+use crate::protocol::LockSet;
 use crate::wait::{self, Backoff, Retry};
 use crate::wake::{self, CloseWatch};
 

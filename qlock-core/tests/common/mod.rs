@@ -14,9 +14,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
 use qlock_core::inspect;
-use qlock_core::{
-    Access, Error, ImageLock, LockOptions, LockSet, Locking, Perm, Verdict, error::ConflictReason,
-};
+use qlock_core::{Access, ConflictReason, Error, ImageLock, LockOptions, LockSet, Locking, Perm, Verdict};
 
 /// The eight protocol bytes QEMU >= 7.0 uses, in lock order.
 pub(crate) const BYTES: [u64; 8] = [100, 101, 102, 103, 200, 201, 202, 203];

@@ -71,7 +71,7 @@ impl<R: Runtime> AsyncImageLock<R> {
         access: Access,
         options: &LockOptions,
     ) -> Result<Self, Error> {
-        let options = LockOptions { find_holders: false, ..options.clone() };
+        let options = options.clone().with_find_holders(false);
         Self::acquire_with(path, access, &options).await
     }
 
@@ -114,7 +114,7 @@ impl<R: Runtime> AsyncImageLock<R> {
         .await?;
         let mut guard = Self::wrap(opened, find_holders);
         let Some(watch) = watch else { return Ok(guard) };
-        let rest = Backoff { timeout: timeout.map(|t| t.saturating_sub(start.elapsed())), ..backoff.clone() };
+        let rest = backoff.clone();
         guard.wait_loop(access, &rest, R::register(watch)).await?;
         Ok(guard)
     }

@@ -245,8 +245,8 @@ fn on_the_pool_path_a_dropped_call_leaves_the_old_or_the_new_access_never_less()
     let mut guard = block_on(AsyncImageLock::<Pool>::acquire(&path, Access::FORCE_SHARE)).unwrap();
     guard.force_pool();
     let mut foreign: Option<Core> = None;
-    let quick = Backoff { initial: Duration::from_micros(100), ..Backoff::default() }
-        .with_timeout(Duration::from_millis(2));
+    let quick =
+        Backoff::default().with_initial(Duration::from_micros(100)).with_timeout(Duration::from_millis(2));
     let (mut kept, mut changed) = (0, 0);
     for i in 0..300 {
         if below(4) == 0 {

@@ -124,11 +124,7 @@ impl AccessArgs {
 impl LockArgs {
     pub(crate) fn options(&self) -> LockOptions {
         // Read-only descriptors: read locks and probes need nothing more.
-        LockOptions {
-            locking: self.locking,
-            legacy_graph_mod: self.legacy_graph_mod,
-            ..LockOptions::default()
-        }
+        LockOptions::default().with_locking(self.locking).with_legacy_graph_mod(self.legacy_graph_mod)
     }
 }
 

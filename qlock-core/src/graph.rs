@@ -239,7 +239,7 @@ impl Chain {
     /// # Errors
     /// [`ChainError`].
     pub fn open(path: impl AsRef<Path>, options: &LockOptions) -> Result<Chain, ChainError> {
-        let opts = LockOptions { write: false, ..options.clone() };
+        let opts = options.clone().with_write(false);
         let open = |p: &Path| ImageLock::open(p, &opts);
         let top = open(path.as_ref()).map_err(|e| ChainError::Open(Box::new(e)))?;
         Chain::discover(top, None, open)

@@ -68,13 +68,20 @@ impl FromStr for Locking {
 
 /// How an image is opened and locked.
 ///
+/// Built like tokio's `OpenOptions`, so that options can be added without breaking callers:
+/// start from [`LockOptions::default`] and change what differs with the `with_*` methods. The
+/// fields can be read (and, on a value you own, assigned); the struct is `#[non_exhaustive]`,
+/// so it cannot be written as a literal outside this crate.
+///
 /// ```
 /// use qlock_core::{Locking, LockOptions};
 ///
-/// let opts = LockOptions { locking: Locking::On, ..LockOptions::default() };
+/// let opts = LockOptions::default().with_locking(Locking::On);
+/// assert_eq!(opts.locking, Locking::On);
 /// assert!(!opts.write); // read-only descriptors unless asked
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LockOptions {
     /// QEMU's `locking=auto|on|off`.
     pub locking: Locking,
@@ -82,10 +89,9 @@ pub struct LockOptions {
     pub legacy_graph_mod: bool,
     /// Open the image read-write instead of read-only (locks work on either).
     pub write: bool,
-    /// Behave as if the kernel had no OFD locks: POSIX locks with [`Locking::On`], no locks with
-    /// [`Locking::Auto`], as in QEMU. Only for testing the fallback: POSIX locks are lost when
-    /// the process closes *any* descriptor of the file, and do not see the process's own locks.
-    pub force_posix: bool,
+    /// Behave as if the kernel had no OFD locks (a test hook: see
+    /// `LockOptions::with_force_posix`, behind the `test-hooks` feature).
+    pub(crate) force_posix: bool,
     /// On a conflict, scan `/proc` to name the holders in the error (costs a few ms).
     pub find_holders: bool,
 }
@@ -103,6 +109,42 @@ impl Default for LockOptions {
 }
 
 impl LockOptions {
+    /// QEMU's `locking=auto|on|off` ([`Locking::Auto`] by default).
+    pub fn with_locking(mut self, locking: Locking) -> LockOptions {
+        self.locking = locking;
+        self
+    }
+
+    /// Honour graph-mod (bytes 104/204) as QEMU <= 6.2 did (off by default, as QEMU >= 7.0).
+    pub fn with_legacy_graph_mod(mut self, legacy: bool) -> LockOptions {
+        self.legacy_graph_mod = legacy;
+        self
+    }
+
+    /// Open read-write instead of read-only (off by default; locks work on either).
+    pub fn with_write(mut self, write: bool) -> LockOptions {
+        self.write = write;
+        self
+    }
+
+    /// On a conflict, name the holders in the error from a walk over `/proc` (on by default;
+    /// a few ms). Polling loops turn it off and name them once, at the end, with
+    /// [`ImageLock::with_holders`].
+    pub fn with_find_holders(mut self, find: bool) -> LockOptions {
+        self.find_holders = find;
+        self
+    }
+
+    /// Behave as if the kernel had no OFD locks: POSIX locks with [`Locking::On`], no locks with
+    /// [`Locking::Auto`], as in QEMU. Only for testing the fallback (POSIX locks are lost when
+    /// the process closes *any* descriptor of the file, and do not see the process's own
+    /// locks), so only with the `test-hooks` feature, which test suites enable.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn with_force_posix(mut self, force: bool) -> LockOptions {
+        self.force_posix = force;
+        self
+    }
+
     /// The lock commands these options select, or `None` when nothing is to be locked.
     pub fn lock_kind(&self) -> Option<LockKind> {
         let ofd = !self.force_posix && sys::ofd_supported();

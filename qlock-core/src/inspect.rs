@@ -76,7 +76,7 @@ impl ImageStatus {
 /// # Ok::<(), qlock_core::Error>(())
 /// ```
 pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
-    let probe_opts = LockOptions { locking: Locking::On, ..LockOptions::default() };
+    let probe_opts = LockOptions::default().with_locking(Locking::On);
     let mut keys = HashMap::new();
     let mut out: Vec<Result<(ImageStatus, Vec<Option<u32>>)>> = paths
         .iter()

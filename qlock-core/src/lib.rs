@@ -58,6 +58,8 @@ pub use inspect::{ForeignLock, ImageStatus, inspect};
 pub use perm::{PERM_BASE, Perm, UNSHARE_BASE};
 pub use proc::{HeldRange, Holder};
 pub use protocol::{ByteRange, Check, LockSet, Others, Runs, Verdict};
-pub use sys::{LockKind, fcntl_calls, is_local_fs};
+#[cfg(any(test, feature = "test-hooks"))]
+pub use sys::fcntl_calls;
+pub use sys::{LockKind, is_local_fs};
 pub use wait::{Backoff, Delays, Retry, retry, retry_blocking};
 pub use wake::{CloseWatch, sleep_or_close};

@@ -52,7 +52,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.img");
         std::fs::write(&path, b"").unwrap();
-        let posix = LockOptions { locking: Locking::On, force_posix: true, ..LockOptions::default() };
+        let posix = LockOptions::default().with_locking(Locking::On).with_force_posix(true);
         let first = ImageLock::acquire_with(&path, Access::WRITE, &posix).unwrap();
         let err = ImageLock::acquire_with(&path, Access::READ, &posix).unwrap_err();
         assert!(matches!(err, Error::PosixSameProcess { .. }), "{err}");

@@ -10,7 +10,6 @@
 //! - [`fcntl(2)`](https://man7.org/linux/man-pages/man2/fcntl.2.html), "Open file description locks"
 //! - QEMU `util/osdep.c` (`qemu_probe_lock_ops`): OFD is probed once, on `/dev/null`.
 
-use std::cell::Cell;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -154,9 +153,13 @@ fn retry_eintr<T>(mut f: impl FnMut() -> nix::Result<T>) -> io::Result<T> {
     }
 }
 
-/// Per-thread counters and fault injection around the fcntl calls.
+/// Per-thread counters and fault injection around the fcntl calls: test hooks, compiled only
+/// for this crate's unit tests and with the `test-hooks` feature (which the test suites
+/// enable); a release build has neither counter nor seam.
+#[cfg(any(test, feature = "test-hooks"))]
 pub(crate) mod seam {
-    use super::*;
+    use std::cell::Cell;
+    use std::io;
 
     thread_local! {
         static CALLS: Cell<u64> = const { Cell::new(0) };
@@ -200,8 +203,19 @@ pub(crate) mod seam {
     }
 }
 
-/// The number of fcntl calls this thread has made through qlock, for benchmarks.
-#[doc(hidden)]
+/// The release build's seam: nothing to count, nothing to fail.
+#[cfg(not(any(test, feature = "test-hooks")))]
+mod seam {
+    pub(super) fn count() {}
+
+    pub(super) fn lock_call() -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The number of fcntl calls this thread has made through qlock, for benchmarks and tests of
+/// the call count (with the `test-hooks` feature only).
+#[cfg(any(test, feature = "test-hooks"))]
 pub fn fcntl_calls() -> u64 {
     seam::calls()
 }

@@ -16,15 +16,19 @@ use crate::error::Error;
 /// A retry policy: delays grow from `initial` by `multiplier` up to `max`, each shortened by a
 /// random fraction of up to `jitter`, until `timeout` (if any) has passed.
 ///
+/// Start from [`Backoff::default`] and change what differs with the `with_*` methods; the
+/// struct is `#[non_exhaustive]`, so a policy can gain knobs without breaking callers.
+///
 /// ```
 /// use std::time::Duration;
 /// use qlock_core::Backoff;
 ///
-/// let b = Backoff::default().with_timeout(Duration::from_secs(30));
+/// let b = Backoff::default().with_max(Duration::from_millis(100)).with_timeout(Duration::from_secs(30));
 /// let first: Vec<Duration> = b.delays().take(3).collect();
 /// assert!(first.iter().all(|d| *d <= b.max));
 /// ```
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Backoff {
     /// The first delay.
     pub initial: Duration,
@@ -55,6 +59,30 @@ impl Backoff {
     /// The same policy with a deadline `timeout` after the first attempt.
     pub fn with_timeout(mut self, timeout: Duration) -> Backoff {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// The same policy with a first delay of `initial`.
+    pub fn with_initial(mut self, initial: Duration) -> Backoff {
+        self.initial = initial;
+        self
+    }
+
+    /// The same policy with delays capped at `max`.
+    pub fn with_max(mut self, max: Duration) -> Backoff {
+        self.max = max;
+        self
+    }
+
+    /// The same policy with delays growing by `multiplier` per attempt (at least 1).
+    pub fn with_multiplier(mut self, multiplier: f64) -> Backoff {
+        self.multiplier = multiplier;
+        self
+    }
+
+    /// The same policy with `jitter` (0.0 to 1.0) of each delay random.
+    pub fn with_jitter(mut self, jitter: f64) -> Backoff {
+        self.jitter = jitter;
         self
     }
 
@@ -193,19 +221,19 @@ mod tests {
     }
 
     fn quick() -> Backoff {
-        Backoff { initial: Duration::from_micros(10), max: Duration::from_micros(100), ..Backoff::default() }
+        Backoff::default().with_initial(Duration::from_micros(10)).with_max(Duration::from_micros(100))
     }
 
     #[test]
     fn delays_grow_to_the_cap_with_jitter_below_the_nominal_value() {
-        let b = Backoff { jitter: 0.5, ..Backoff::default() };
+        let b = Backoff::default().with_jitter(0.5);
         let d: Vec<Duration> = b.delays().take(20).collect();
         let mut nominal = b.initial;
         for got in d {
             assert!(got <= nominal && got >= nominal / 2, "{got:?} vs {nominal:?}");
             nominal = (nominal * 2).min(b.max);
         }
-        let exact = Backoff { jitter: 0.0, ..Backoff::default() };
+        let exact = Backoff::default().with_jitter(0.0);
         assert_eq!(exact.delays().nth(30), Some(exact.max));
     }
 

@@ -15,7 +15,7 @@ use qlock_core::{Access, Error, ImageLock, LockOptions, LockSet, Verdict};
 
 /// Holder lookup in `/proc` is not what these tests are about and would dominate their time.
 fn opts() -> LockOptions {
-    LockOptions { find_holders: false, ..LockOptions::default() }
+    LockOptions::default().with_find_holders(false)
 }
 
 /// A small deterministic generator, so that a failure names a reproducible case.

@@ -102,8 +102,8 @@ fn a_sigkilled_holder_leaves_nothing_and_a_waiter_gets_in() {
     let pid = helper.pid();
 
     // While it lives, a bounded wait times out naming it.
-    let short = Backoff { initial: Duration::from_millis(1), ..Backoff::default() }
-        .with_timeout(Duration::from_millis(30));
+    let short =
+        Backoff::default().with_initial(Duration::from_millis(1)).with_timeout(Duration::from_millis(30));
     let err = ImageLock::acquire_wait(&path, Access::READ, &LockOptions::default(), &short).unwrap_err();
     assert!(matches!(err, Error::TimedOut { .. }), "{err:?}");
     assert_eq!(err.conflict().unwrap().holders.iter().map(|h| h.pid).collect::<Vec<_>>(), vec![pid]);
@@ -307,7 +307,7 @@ fn foreign_locks_are_reported_as_such() {
 fn the_posix_fallback_interoperates_with_an_ofd_holder_in_another_process() {
     let _serial = common::serial();
     let (_dir, path) = image();
-    let posix = LockOptions { force_posix: true, locking: Locking::On, ..LockOptions::default() };
+    let posix = LockOptions::default().with_force_posix(true).with_locking(Locking::On);
     let helper = hold(&[&path], Access::WRITE);
     let err = ImageLock::acquire_with(&path, Access::READ, &posix).unwrap_err();
     assert_eq!(err.conflict().unwrap().qemu_message(), "Failed to get shared \"write\" lock");
@@ -343,7 +343,7 @@ fn locking_off_takes_and_tests_nothing() {
     let (_dir, path) = image();
     let holder = Raw::open(&path);
     holder.hold(set(Access::WRITE), LockSet::EMPTY);
-    let off = LockOptions { locking: Locking::Off, ..LockOptions::default() };
+    let off = LockOptions::default().with_locking(Locking::Off);
     let guard = ImageLock::acquire_with(&path, Access::WRITE, &off).expect("V30: off ignores holders");
     assert_eq!(guard.lock_kind(), None);
     assert_eq!(guard.access(), Access::WRITE);
@@ -355,7 +355,7 @@ fn locking_off_takes_and_tests_nothing() {
 fn legacy_graph_mod_honours_bytes_104_and_204() {
     let _serial = common::serial();
     let (_dir, path) = image();
-    let legacy = LockOptions { legacy_graph_mod: true, ..LockOptions::default() };
+    let legacy = LockOptions::default().with_legacy_graph_mod(true);
     let holder = Raw::open(&path);
     holder.read_lock(104, 1);
     // V20: modern QEMU ignores 104/204.
@@ -401,7 +401,7 @@ fn the_descriptor_is_read_only_and_close_on_exec() {
     assert_eq!(flags & 0o3, 0, "O_RDONLY: {flags:o}");
     assert_ne!(flags & 0o2000000, 0, "O_CLOEXEC: {flags:o}");
     drop(guard);
-    let rw = LockOptions { write: true, ..LockOptions::default() };
+    let rw = LockOptions::default().with_write(true);
     let guard = ImageLock::acquire_with(&path, Access::WRITE, &rw).unwrap();
     let flags = fd_flags(guard.file().as_raw_fd());
     assert_eq!(flags & 0o3, 0o2, "O_RDWR only when asked: {flags:o}");

@@ -158,7 +158,7 @@ fn run_qemu(n: &Newcomer, images: &Images) -> Outcome {
 
 /// qlock's answer to `access` on `path`, with `dir` written `DIR` as [`run_qemu`] does.
 fn run_qlock(access: Access, path: &Path, dir: &Path) -> Outcome {
-    let opts = LockOptions { find_holders: false, ..LockOptions::default() };
+    let opts = LockOptions::default().with_find_holders(false);
     let err = ImageLock::acquire_with(path, access, &opts).err()?;
     Some(err.to_string().replace(&dir.display().to_string(), "DIR"))
 }
@@ -457,7 +457,7 @@ fn v30_locking_off_ignores_a_qemu_writer() {
     }
     let images = Images::new();
     let _qemu = qemu_io(FrontEnd::QemuIoRw, Format::Qcow2, &images.qcow2);
-    let off = LockOptions { locking: qlock_core::Locking::Off, ..LockOptions::default() };
+    let off = LockOptions::default().with_locking(qlock_core::Locking::Off);
     let guard = ImageLock::acquire_with(&images.qcow2, Access::WRITE, &off).unwrap();
     assert_eq!(inspect(&[&images.qcow2]).remove(0).unwrap().holders.len(), 1, "only qemu-io holds");
     drop(guard);

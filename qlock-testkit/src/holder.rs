@@ -191,7 +191,7 @@ impl HolderBuilder {
     /// A fake holder of the image's whole graph (see [`HolderBuilder::chain`]).
     fn spawn_chain(self, fe: FrontEnd, format: Format) -> Result<FakeQemu> {
         fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
-        let opts = LockOptions { locking: Locking::Off, ..LockOptions::default() };
+        let opts = LockOptions::default().with_locking(Locking::Off);
         let top = ImageLock::open(&self.path, &opts)?;
         let chain = Chain::discover(top, Some(format.into()), |p| ImageLock::open(p, &opts))?;
         let mut nodes: Vec<ChainNode> = chain

@@ -285,7 +285,7 @@ fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
 /// holder being another process is all that matters.
 pub fn run_qlock(access: Access, s: &Scratch) -> Verdict {
     let _gate = FORK_GATE.write().unwrap_or_else(|e| e.into_inner());
-    let opts = LockOptions { find_holders: false, ..LockOptions::default() };
+    let opts = LockOptions::default().with_find_holders(false);
     match ImageLock::acquire_with(&s.image, access, &opts) {
         Ok(lock) => {
             drop(lock);
@@ -308,7 +308,7 @@ pub fn run_qlock(access: Access, s: &Scratch) -> Verdict {
 /// The acquisition's or the inspection's error.
 pub fn qlock_holds(access: Access, s: &Scratch) -> Result<LockSet, String> {
     let _gate = FORK_GATE.write().unwrap_or_else(|e| e.into_inner());
-    let opts = LockOptions { find_holders: false, ..LockOptions::default() };
+    let opts = LockOptions::default().with_find_holders(false);
     let lock = ImageLock::acquire_with(&s.image, access, &opts).map_err(|e| e.to_string())?;
     let seen = qlock_core::inspect(&[&s.image]).remove(0).map_err(|e| e.to_string())?;
     drop(lock);

@@ -105,7 +105,7 @@ pub const TORTURE: u64 = 3000;
 type Lock<H> = AsyncImageLock<<H as Harness>::R>;
 
 fn quick() -> Backoff {
-    Backoff { initial: Duration::from_micros(200), max: Duration::from_millis(5), ..Backoff::default() }
+    Backoff::default().with_initial(Duration::from_micros(200)).with_max(Duration::from_millis(5))
 }
 
 /// The body of `child_process`: runs the role this process was started for, if any; `contend`
@@ -128,7 +128,9 @@ pub fn contend_role<H: Harness>() {
     let path = std::env::var("QLOCK_IMAGE").unwrap();
     let oracle = std::env::var("QLOCK_ORACLE").unwrap();
     let iters: u32 = std::env::var("QLOCK_ITERS").unwrap().parse().unwrap();
-    let backoff = Backoff { initial: Duration::from_micros(500), max: Duration::from_millis(20), ..quick() }
+    let backoff = quick()
+        .with_initial(Duration::from_micros(500))
+        .with_max(Duration::from_millis(20))
         .with_timeout(Duration::from_secs(60));
     let me = std::process::id().to_string();
     let (done, overlaps) = H::block_on(async {
@@ -238,8 +240,7 @@ fn held_alone_then_nothing<T>(path: &Path, guard: T, bytes: &str, case: End) {
 pub fn the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits<H: Harness>() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "h.img");
-    let slow =
-        Backoff { initial: Duration::from_secs(60), max: Duration::from_secs(60), ..Backoff::default() };
+    let slow = Backoff::default().with_initial(Duration::from_secs(60)).with_max(Duration::from_secs(60));
     let opts = LockOptions::default();
     for (how, access, bytes) in
         [(End::Quit, Access::WRITE, "100 101 103 | 201 203"), (End::Kill, Access::READ, "100 | 201 203")]

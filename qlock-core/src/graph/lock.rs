@@ -114,7 +114,7 @@ impl ChainLock {
         backoff: &Backoff,
     ) -> Result<ChainLock, ChainError> {
         let path = path.as_ref();
-        let quiet = LockOptions { find_holders: false, ..options.clone() };
+        let quiet = options.clone().with_find_holders(false);
         // The nodes of the first graph seen: a close of any of them wakes the sleep. Made at
         // the first sleep, as for a single image (an uncontended wait should not pay for it).
         let nodes: RefCell<Vec<PathBuf>> = RefCell::new(Vec::new());

@@ -302,7 +302,7 @@ pub(crate) fn standard_role(role: &str, paths: &[PathBuf]) -> bool {
         // Holds QLOCK_ACCESS on every path with ImageLock (OFD, or POSIX with QLOCK_POSIX).
         "hold" => {
             let access: Access = std::env::var("QLOCK_ACCESS").unwrap().parse().unwrap();
-            let opts = LockOptions { force_posix: posix, locking: Locking::On, ..LockOptions::default() };
+            let opts = LockOptions::default().with_force_posix(posix).with_locking(Locking::On);
             let _guards: Vec<ImageLock> =
                 paths.iter().map(|p| ImageLock::acquire_with(p, access, &opts).unwrap()).collect();
             ready_and_wait();

@@ -53,26 +53,16 @@ impl<R: Runtime> AsyncImageLock<R> {
         access: Access,
         options: &LockOptions,
     ) -> Result<Self, Error> {
-        let (path, opts) = (path.as_ref().to_path_buf(), options.clone());
-        let find_holders = opts.find_holders;
-        R::asyncify(move || Core::acquire_with(&path, access, &opts).map(Opened::new))
-            .await
-            .map(|o| Self::wrap(o, find_holders))
-    }
-
-    /// [`AsyncImageLock::acquire_with`] without naming the holders on a conflict: the cheap
-    /// attempt for callers that poll themselves (the `try_` of
-    /// [`qlock_core::ImageLock::try_set_access`]).
-    ///
-    /// # Errors
-    /// As [`AsyncImageLock::acquire_with`], with [`qlock_core::Conflict::holders`] left empty.
-    pub async fn try_acquire(
-        path: impl AsRef<Path>,
-        access: Access,
-        options: &LockOptions,
-    ) -> Result<Self, Error> {
-        let options = options.clone().with_find_holders(false);
-        Self::acquire_with(path, access, &options).await
+        let (path, opts, find_holders) = Self::quiet(path.as_ref(), options);
+        R::asyncify(move || {
+            let mut lock = Core::open(&path, &opts)?;
+            match lock.set_access(access) {
+                Ok(()) => Ok(Opened::new(lock)),
+                Err(e) => Err(if find_holders { lock.with_holders(e) } else { e }),
+            }
+        })
+        .await
+        .map(|o| Self::wrap(o, find_holders))
     }
 
     /// Opens `path` and waits for `access`, polling with `backoff` until its timeout through
@@ -95,11 +85,11 @@ impl<R: Runtime> AsyncImageLock<R> {
         backoff: &Backoff,
     ) -> Result<Self, Error> {
         let start = Instant::now();
-        let (path, opts, timeout) = (path.as_ref().to_path_buf(), options.clone(), backoff.timeout);
-        let find_holders = opts.find_holders;
+        let (path, opts, find_holders) = Self::quiet(path.as_ref(), options);
+        let timeout = backoff.timeout;
         let (opened, watch) = R::asyncify(move || {
             let mut lock = Core::open(&path, &opts)?;
-            match lock.try_set_access(access) {
+            match lock.set_access(access) {
                 Ok(()) => Ok((Opened::new(lock), None)),
                 Err(e) if !e.is_conflict() => Err(e),
                 Err(e) if timeout.is_some_and(|t| start.elapsed() >= t) => {
@@ -125,19 +115,11 @@ impl<R: Runtime> AsyncImageLock<R> {
     /// # Errors
     /// As [`qlock_core::ImageLock::set_access`]; the previous access is still held.
     pub async fn set_access(&mut self, access: Access) -> Result<(), Error> {
-        let r = self.run(move |l| l.try_set_access(access)).await;
+        let r = self.run(move |l| l.set_access(access)).await;
         match r {
             Err(e) if e.is_conflict() => Err(self.name_holders(e, None).await),
             r => r,
         }
-    }
-
-    /// [`AsyncImageLock::set_access`] without naming the holders on a conflict.
-    ///
-    /// # Errors
-    /// As [`AsyncImageLock::set_access`], with [`qlock_core::Conflict::holders`] left empty.
-    pub async fn try_set_access(&mut self, access: Access) -> Result<(), Error> {
-        self.run(move |l| l.try_set_access(access)).await
     }
 
     /// Waits until `access` can be had on this open image, then takes it, as
@@ -226,6 +208,14 @@ impl<R: Runtime> AsyncImageLock<R> {
         AsyncImageLock { path, home: Home::new(lock), local, find_holders, runtime: PhantomData }
     }
 
+    /// The path, the options of the guard's core, and whether the caller wants holders named.
+    /// The core never names them itself: a walk over `/proc` must not run inline on the
+    /// executor, so the guard names them on the pool ([`Self::name_holders`]) or in the
+    /// closure that already runs there.
+    fn quiet(path: &Path, options: &LockOptions) -> (PathBuf, LockOptions, bool) {
+        (path.to_path_buf(), options.clone().with_find_holders(false), options.find_holders)
+    }
+
     /// Watches `path` for closes. Cheap (two syscalls), but a path lookup: call it where
     /// lookups may run.
     fn watch(path: &Path) -> Option<CloseWatch> {
@@ -238,7 +228,7 @@ impl<R: Runtime> AsyncImageLock<R> {
             let local = self.local;
             let slot = self.home.slot::<R>();
             let (slot, hint) = (&slot, &hint);
-            retry(backoff, || slot.run(local, move |l| l.try_set_access(access)), |d| R::sleep(hint, d)).await
+            retry(backoff, || slot.run(local, move |l| l.set_access(access)), |d| R::sleep(hint, d)).await
         };
         match result {
             Ok(()) => Ok(()),

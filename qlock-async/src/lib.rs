@@ -35,7 +35,7 @@
 //! ```
 //! use std::time::Duration;
 //! use qlock_async::{AsyncImageLock, Runtime};
-//! use qlock_core::{Access, Error, wake::CloseWatch};
+//! use qlock_core::{Access, CloseWatch, Error};
 //! # let dir = tempfile::tempdir().unwrap();
 //! # let path = dir.path().join("disk.img");
 //! # std::fs::write(&path, b"").unwrap();

@@ -99,11 +99,9 @@ fn futures_are_send<R: Runtime>(guard: &mut AsyncImageLock<R>, owned: AsyncImage
     let (opts, backoff) = (LockOptions::default(), Backoff::default());
     send(&AsyncImageLock::<R>::acquire("p", Access::READ));
     send(&AsyncImageLock::<R>::acquire_with("p", Access::READ, &opts));
-    send(&AsyncImageLock::<R>::try_acquire("p", Access::READ, &opts));
     send(&AsyncImageLock::<R>::acquire_wait("p", Access::READ, &opts, &backoff));
     send(&inspect::<R, _>(["p"]));
     send(&guard.set_access(Access::READ));
-    send(&guard.try_set_access(Access::READ));
     send(&guard.wait_for(Access::READ, &backoff));
     send(&owned.release());
 }
@@ -126,11 +124,6 @@ fn image() -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().join("img");
     std::fs::write(&path, b"").unwrap();
     (dir, path)
-}
-
-fn set(a: Access) -> LockSet {
-    let (perm, unshared) = a.within(Perm::ALL);
-    LockSet::new(perm, unshared)
 }
 
 /// The protocol bytes `guard`'s descriptor holds, as seen from a fresh description through
@@ -227,7 +220,7 @@ fn a_call_dropped_while_it_names_the_holders_keeps_the_old_access() {
         assert!(!guard.is_lost(), "call {call}");
         assert!(guard.file().is_some(), "call {call}");
         assert_eq!(guard.access(), Access::FORCE_SHARE);
-        assert_eq!(held_from_outside(&guard), set(Access::FORCE_SHARE), "call {call}");
+        assert_eq!(held_from_outside(&guard), Access::FORCE_SHARE.lock_set(Perm::ALL), "call {call}");
     }
 }
 
@@ -260,8 +253,7 @@ fn on_the_pool_path_a_dropped_call_leaves_the_old_or_the_new_access_never_less()
         let polls = below(4);
         {
             let mut fut: Pin<Box<dyn Future<Output = Result<(), Error>> + '_>> = match below(3) {
-                0 => Box::pin(guard.set_access(new)),
-                1 => Box::pin(guard.try_set_access(new)),
+                0 | 1 => Box::pin(guard.set_access(new)),
                 _ => Box::pin(guard.wait_for(new, &quick)),
             };
             for _ in 0..polls {
@@ -285,7 +277,7 @@ fn on_the_pool_path_a_dropped_call_leaves_the_old_or_the_new_access_never_less()
         }
         assert_eq!(
             (held_from_outside(&guard), guard.held()),
-            (set(now), set(now)),
+            (now.lock_set(Perm::ALL), now.lock_set(Perm::ALL)),
             "{i}: {old:?} -> {new:?}"
         );
     }

@@ -4,7 +4,7 @@ use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use qlock_core::{Access, Backoff, Error, ImageLock, Perm, retry_blocking};
+use qlock_core::{Access, Backoff, Error, ImageLock, retry_blocking};
 use qlock_core::{CloseWatch, sleep_or_close};
 
 use crate::cli::HoldArgs;
@@ -36,7 +36,8 @@ pub(crate) fn wait(args: &HoldArgs) -> Result<Outcome, Failure> {
 /// waits for others. Without `waiting`, one attempt.
 pub(crate) fn take(args: &HoldArgs, waiting: Option<Backoff>) -> Result<Vec<ImageLock>, Error> {
     let access = args.access.access();
-    let options = args.lock.options();
+    // Attempts do not name holders; the one in the way is named once, at the end.
+    let options = args.lock.options().with_find_holders(false);
     let names = Names::of(&args.images);
     let mut locks = Vec::with_capacity(names.distinct().len());
     for image in names.distinct() {
@@ -82,10 +83,10 @@ pub(crate) fn take(args: &HoldArgs, waiting: Option<Backoff>) -> Result<Vec<Imag
 /// One all-or-nothing attempt; on failure, the index of the image in the way.
 fn attempt(locks: &mut [ImageLock], access: Access) -> Result<(), (usize, Error)> {
     for i in 0..locks.len() {
-        if let Err(e) = locks[i].try_set_access(access) {
+        if let Err(e) = locks[i].set_access(access) {
             for taken in &mut locks[..i] {
                 // Dropping everything takes QEMU's fast path: it only unlocks.
-                let _ = taken.set_access(Access::new(Perm::empty(), Perm::LEGACY_ALL));
+                let _ = taken.set_access(Access::NONE);
             }
             return Err((i, e));
         }

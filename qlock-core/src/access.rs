@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::perm::Perm;
+use crate::protocol::LockSet;
 
 /// A request in QEMU's terms: `perm` is what the opener uses, `shared` what it lets others use.
 ///
@@ -43,6 +44,10 @@ pub struct Preset {
 const SHARED_READ: Perm = Perm::CONSISTENT_READ.union(Perm::WRITE_UNCHANGED).union(Perm::GRAPH_MOD);
 
 impl Access {
+    /// No permission, everything shared: locks no byte. What [`crate::ImageLock::open`] starts
+    /// with (QEMU's state before the first parent attaches), and what an all-or-nothing caller
+    /// steps back to (QEMU's fast path: it only releases).
+    pub const NONE: Access = Access::new(Perm::empty(), Perm::LEGACY_ALL);
     /// `force-share`: consistent read, unshares nothing; bytes `100`.
     /// Like `qemu-io -r -U` or `qemu-img convert -U`.
     pub const FORCE_SHARE: Access = Access::new(Perm::CONSISTENT_READ, Perm::LEGACY_ALL);
@@ -85,19 +90,23 @@ impl Access {
         Perm::ALL - self.shared
     }
 
-    /// The same access limited to the permissions a protocol generation knows: `Perm::ALL` for
-    /// QEMU >= 7.0, `Perm::LEGACY_ALL` to honour graph-mod as QEMU <= 6.2 did.
-    pub fn within(&self, all: Perm) -> (Perm, Perm) {
-        (self.perm & all, all - self.shared)
+    /// The protocol bytes this access read-locks when the protocol knows the permissions `all`
+    /// ([`Perm::ALL`] for QEMU >= 7.0, [`Perm::LEGACY_ALL`] to honour graph-mod as QEMU <= 6.2
+    /// did): the one way from an access to its bytes.
+    ///
+    /// ```
+    /// use qlock_core::{Access, Perm};
+    ///
+    /// assert_eq!(Access::WRITE.lock_set(Perm::ALL).to_string(), "100 101 103 | 201 203");
+    /// assert!(Access::NONE.lock_set(Perm::LEGACY_ALL).is_empty());
+    /// ```
+    pub fn lock_set(&self, all: Perm) -> LockSet {
+        LockSet::new(self.perm & all, all - self.shared)
     }
 
     /// The bytes this access read-locks (without graph-mod), in QEMU's lock order.
     pub fn bytes(&self) -> Vec<u64> {
-        let (perm, unshared) = self.within(Perm::ALL);
-        perm.each()
-            .filter_map(Perm::perm_byte)
-            .chain(unshared.each().filter_map(Perm::unshare_byte))
-            .collect()
+        self.lock_set(Perm::ALL).bytes().collect()
     }
 
     /// The preset with this name, if any.
@@ -107,7 +116,7 @@ impl Access {
 
     /// The name of the preset equal to this access, if any.
     pub fn preset_name(&self) -> Option<&'static str> {
-        let norm = |a: &Access| a.within(Perm::ALL);
+        let norm = |a: &Access| a.lock_set(Perm::ALL);
         Access::PRESETS.iter().find(|p| norm(&p.access) == norm(self)).map(|p| p.name)
     }
 }
@@ -131,7 +140,7 @@ impl FromStr for Access {
             return Ok(a);
         }
         if s.contains('=') {
-            let mut access = Access::new(Perm::empty(), Perm::LEGACY_ALL);
+            let mut access = Access::NONE;
             for part in s.split(';') {
                 match part.trim().split_once('=') {
                     Some(("perm", list)) => access.perm = Perm::parse_list(list)?,

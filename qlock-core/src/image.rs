@@ -297,7 +297,7 @@ impl ImageLock {
             path: path.to_path_buf(),
             kind,
             all: options.all(),
-            access: Access::new(Perm::empty(), Perm::LEGACY_ALL),
+            access: Access::NONE,
             held: LockSet::EMPTY,
             find_holders: options.find_holders,
         })
@@ -315,15 +315,6 @@ impl ImageLock {
     /// still held, unchanged.
     pub fn set_access(&mut self, access: Access) -> Result<()> {
         self.update(access, self.find_holders)
-    }
-
-    /// [`ImageLock::set_access`] without naming the holders on a conflict: the cheap attempt
-    /// for polling loops, which name them once, at the end, with [`ImageLock::with_holders`].
-    ///
-    /// # Errors
-    /// As [`ImageLock::set_access`], with [`Conflict::holders`] left empty.
-    pub fn try_set_access(&mut self, access: Access) -> Result<()> {
-        self.update(access, false)
     }
 
     /// Waits until `access` can be had on this open image, then takes it.
@@ -389,7 +380,7 @@ impl ImageLock {
     /// closed regardless, which releases the locks as far as the kernel is concerned.
     pub fn release(self) -> Result<()> {
         let Some(kind) = self.kind.filter(|_| !self.held.is_empty()) else { return Ok(()) };
-        let all = ByteRange { start: 100, len: 105 };
+        let all = ByteRange::PROTOCOL;
         sys::unlock(self.file.as_fd(), kind, all).map_err(|source| Error::Unlock {
             path: self.path.clone(),
             byte: all.start,
@@ -403,21 +394,16 @@ impl ImageLock {
     /// [`set_access`](ImageLock::set_access) to `new` (commit) or back to the old access
     /// (abort) afterwards only releases, so it cannot fail on a conflict.
     pub(crate) fn prepare(&mut self, union: Access, new: Access) -> Result<()> {
-        let set = |a: Access| {
-            let (perm, unshared) = a.within(self.all);
-            LockSet::new(perm, unshared)
-        };
-        let mut p = plan(self.held, set(union));
+        let mut p = plan(self.held, union.lock_set(self.all));
         if !p.check.is_empty() {
-            p.check = set(new);
+            p.check = new.lock_set(self.all);
         }
         self.run(p, union, self.find_holders)
     }
 
     /// The one PREPARE / CHECK / COMMIT-or-ABORT path behind every access change.
     pub(crate) fn update(&mut self, access: Access, find_holders: bool) -> Result<()> {
-        let (perm, unshared) = access.within(self.all);
-        let p = plan(self.held, LockSet::new(perm, unshared));
+        let p = plan(self.held, access.lock_set(self.all));
         self.run(p, access, find_holders)
     }
 
@@ -598,11 +584,6 @@ mod tests {
         inspect(&[path]).remove(0).expect("inspect").others.held
     }
 
-    fn set(a: Access) -> LockSet {
-        let (perm, unshared) = a.within(Perm::ALL);
-        LockSet::new(perm, unshared)
-    }
-
     #[test]
     fn a_failure_on_the_kth_lock_call_leaves_exactly_the_old_state() {
         let olds = [None, Some(Access::READ), Some(Access::FORCE_SHARE), Some(Access::INFO)];
@@ -626,7 +607,12 @@ mod tests {
                                 assert_eq!(lock.held(), before, "{e}");
                                 assert_eq!(outside, before, "k={k} errno={errno} {}: {e}", preset.name);
                             }
-                            Ok(()) => assert_eq!(outside, set(preset.access), "k={k} {}", preset.name),
+                            Ok(()) => assert_eq!(
+                                outside,
+                                preset.access.lock_set(Perm::ALL),
+                                "k={k} {}",
+                                preset.name
+                            ),
                         }
                     }
                 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::access::Access;
 use crate::error::{self, Error, Result};
 use crate::image::{ImageLock, LockOptions, Locking};
-use crate::perm::Perm;
+use crate::perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 use crate::proc::{self, HeldRange, Holder};
 use crate::protocol::{ByteRange, LockSet, Others, Verdict, decide};
 use crate::sys::{self, FoundLock, LockKind};
@@ -51,10 +51,9 @@ pub struct ImageStatus {
 impl ImageStatus {
     /// Whether `access` could be acquired now, by QEMU's rules (legacy bytes ignored).
     pub fn verdict(&self, access: Access) -> Verdict {
-        let (perm, unshared) = access.within(Perm::ALL);
         let mask = |s: LockSet| s.intersect(LockSet::new(Perm::ALL, Perm::ALL));
         let others = Others { held: mask(self.others.held), write_locked: mask(self.others.write_locked) };
-        decide(others, LockSet::EMPTY, LockSet::new(perm, unshared))
+        decide(others, LockSet::EMPTY, access.lock_set(Perm::ALL))
     }
 }
 
@@ -129,7 +128,7 @@ fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {
     if test(ByteRange { start: 0, len: 0 })?.is_none() {
         return Ok((status, pids));
     }
-    for b in (100..=104).chain(200..=204) {
+    for b in PROTOCOL_BYTES {
         if let Some(l) = test(ByteRange::byte(b))? {
             status.others.held.add_byte(b);
             if l.write {
@@ -139,10 +138,12 @@ fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {
             pids.push(l.pid);
         }
     }
+    // Around the protocol bytes: below them (libvirt's byte 0), between the two sides, above.
+    let (last_perm, last) = (PROTOCOL_BYTES[4], PROTOCOL_BYTES[9]);
     for range in [
-        ByteRange { start: 0, len: 100 },
-        ByteRange { start: 105, len: 95 },
-        ByteRange { start: 205, len: 0 },
+        ByteRange::from_to(0, PERM_BASE - 1),
+        ByteRange::from_to(last_perm + 1, UNSHARE_BASE - 1),
+        ByteRange { start: last + 1, len: 0 },
     ] {
         if let Some(l) = test(range)? {
             note_foreign(&mut status.foreign, l);

@@ -55,7 +55,7 @@ pub use access::{Access, Preset};
 pub use error::{Conflict, ConflictReason, Error, Result, strerror};
 pub use image::{HolderLookup, ImageLock, LockOptions, Locking};
 pub use inspect::{ForeignLock, ImageStatus, inspect};
-pub use perm::{PERM_BASE, Perm, UNSHARE_BASE};
+pub use perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 pub use proc::{HeldRange, Holder};
 pub use protocol::{ByteRange, Check, LockSet, Others, Runs, Verdict};
 #[cfg(any(test, feature = "test-hooks"))]

@@ -31,6 +31,20 @@ pub const PERM_BASE: u64 = 100;
 /// First unshare byte ("nobody else may use permission i" is byte `UNSHARE_BASE + i`).
 pub const UNSHARE_BASE: u64 = 200;
 
+/// Every protocol byte, in QEMU's lock order: the permission bytes `100..=104`, then the
+/// unshare bytes `200..=204` (104/204, graph-mod, only matter to QEMU <= 6.2). The one place
+/// these numbers are spelled.
+pub const PROTOCOL_BYTES: [u64; 10] = {
+    let mut bytes = [0; 10];
+    let mut i = 0;
+    while i < 5 {
+        bytes[i] = PERM_BASE + i as u64;
+        bytes[i + 5] = UNSHARE_BASE + i as u64;
+        i += 1;
+    }
+    bytes
+};
+
 impl Perm {
     /// The four permissions QEMU >= 7.0 knows (`BLK_PERM_ALL = 0x0f`).
     pub const ALL: Perm = Perm::from_bits_retain(0x0f);
@@ -80,15 +94,18 @@ impl Perm {
         self.index().map(|i| UNSHARE_BASE + u64::from(i))
     }
 
-    /// The single permission a protocol byte (100..=104 or 200..=204) stands for, and whether it
-    /// is an unshare byte.
+    /// The single permission a protocol byte (one of [`PROTOCOL_BYTES`]) stands for, and
+    /// whether it is an unshare byte.
     pub fn from_byte(byte: u64) -> Option<(Perm, bool)> {
-        let (base, unshare) = match byte {
-            100..=104 => (PERM_BASE, false),
-            200..=204 => (UNSHARE_BASE, true),
+        let side = |base: u64| {
+            byte.checked_sub(base).filter(|i| *i < u64::from(Perm::LEGACY_ALL.bits().count_ones()))
+        };
+        let (i, unshare) = match (side(PERM_BASE), side(UNSHARE_BASE)) {
+            (Some(i), _) => (i, false),
+            (_, Some(i)) => (i, true),
             _ => return None,
         };
-        Some((Perm::from_bits_retain(1 << (byte - base)), unshare))
+        Some((Perm::from_bits_retain(1 << i), unshare))
     }
 
     /// The single bits of `self` in ascending order, the order QEMU walks them.

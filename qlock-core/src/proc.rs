@@ -15,6 +15,7 @@ use std::io::Read;
 use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 
+use crate::perm::{PROTOCOL_BYTES, Perm};
 use crate::protocol::LockSet;
 use crate::sys::{FoundLock, LockKind};
 
@@ -37,14 +38,16 @@ impl HeldRange {
 
     /// Why this lock does not fit QEMU's protocol, or `None` when it is a protocol read lock.
     pub fn foreign_reason(&self) -> Option<&'static str> {
-        let in_protocol = |lo: u64, hi: u64| self.start >= lo && self.end.is_some_and(|e| e <= hi);
+        // Within the bytes of one side (100-104 or 200-204).
+        let side = |b: u64| Perm::from_byte(b).map(|(_, unshare)| unshare);
+        let in_protocol = side(self.start).is_some() && self.end.is_some_and(|e| side(e) == side(self.start));
         if self.start == 0 && self.end.is_none() {
             Some("whole-file lock (another VMM or tool)")
         } else if self.write {
             Some("write lock (QEMU never takes one; a starting QEMU fails with \"Failed to lock byte\")")
         } else if self.covers(0) {
             Some("byte 0 (libvirt)")
-        } else if in_protocol(100, 104) || in_protocol(200, 204) {
+        } else if in_protocol {
             None
         } else {
             Some("outside QEMU's bytes 100-104 and 200-204")
@@ -87,7 +90,7 @@ impl Holder {
     /// The protocol bytes (100-104, 200-204) its locks cover.
     pub fn bytes(&self) -> LockSet {
         let mut set = LockSet::EMPTY;
-        for b in (100..=104).chain(200..=204) {
+        for b in PROTOCOL_BYTES {
             if self.covers(b) {
                 set.add_byte(b);
             }

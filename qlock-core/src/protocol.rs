@@ -5,7 +5,7 @@
 //! [`decide`] is the reference verdict of docs/protocol.md §9, which the
 //! tests hold the real lock path against.
 
-use crate::perm::{PERM_BASE, Perm, UNSHARE_BASE};
+use crate::perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 
 /// Contiguous bytes `start..start + len`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,9 +17,18 @@ pub struct ByteRange {
 }
 
 impl ByteRange {
+    /// One range over every protocol byte and the gap between them (`100..=204`): what a
+    /// release unlocks in one call.
+    pub const PROTOCOL: ByteRange = ByteRange::from_to(PROTOCOL_BYTES[0], PROTOCOL_BYTES[9]);
+
     /// One byte.
     pub const fn byte(b: u64) -> ByteRange {
         ByteRange { start: b, len: 1 }
+    }
+
+    /// The bytes `first..=last`.
+    pub const fn from_to(first: u64, last: u64) -> ByteRange {
+        ByteRange { start: first, len: last - first + 1 }
     }
 
     /// The bytes of the range, ascending.
@@ -286,14 +295,9 @@ mod tests {
     use super::*;
     use crate::Access;
 
-    fn set(a: Access) -> LockSet {
-        let (perm, unshared) = a.within(Perm::ALL);
-        LockSet::new(perm, unshared)
-    }
-
     #[test]
     fn runs_merge_contiguous_bytes_in_lock_order() {
-        let runs: Vec<_> = set(Access::WRITE).runs().iter().collect();
+        let runs: Vec<_> = Access::WRITE.lock_set(Perm::ALL).runs().iter().collect();
         assert_eq!(
             runs,
             vec![
@@ -313,7 +317,7 @@ mod tests {
 
     #[test]
     fn checks_follow_qemu_order_and_one_probe_covers_them() {
-        let p = plan(LockSet::EMPTY, set(Access::WRITE));
+        let p = plan(LockSet::EMPTY, Access::WRITE.lock_set(Perm::ALL));
         let bytes: Vec<u64> = p.checks().map(Check::byte).collect();
         assert_eq!(bytes, vec![200, 201, 203, 101, 103]);
         assert_eq!(p.probe_cover(), Some(ByteRange { start: 101, len: 103 }));
@@ -322,7 +326,7 @@ mod tests {
 
     #[test]
     fn fast_path_locks_and_checks_nothing() {
-        let p = plan(set(Access::WRITE), set(Access::READ));
+        let p = plan(Access::WRITE.lock_set(Perm::ALL), Access::READ.lock_set(Perm::ALL));
         assert!(p.add.is_empty() && p.check.is_empty());
         assert_eq!(p.release, LockSet::new(Perm::WRITE | Perm::RESIZE, Perm::empty()));
     }
@@ -330,36 +334,36 @@ mod tests {
     #[test]
     fn change_locks_the_union_and_checks_only_the_new_request() {
         // reopen -w of a qemu-io -r opener (spec V25): adds 101 and 103, keeps 100 | 201 203.
-        let p = plan(set(Access::READ), set(Access::WRITE));
+        let p = plan(Access::READ.lock_set(Perm::ALL), Access::WRITE.lock_set(Perm::ALL));
         assert_eq!(p.add, LockSet::new(Perm::WRITE | Perm::RESIZE, Perm::empty()));
-        assert_eq!(p.check, set(Access::WRITE));
+        assert_eq!(p.check, Access::WRITE.lock_set(Perm::ALL));
         assert!(p.release.is_empty());
         // Dropping an unshare while adding a permission keeps the old unshare byte until COMMIT.
-        let p = plan(set(Access::READ), set(Access::WRITE_SHARED));
+        let p = plan(Access::READ.lock_set(Perm::ALL), Access::WRITE_SHARED.lock_set(Perm::ALL));
         assert_eq!(p.add, LockSet::new(Perm::WRITE, Perm::empty()));
         assert_eq!(p.release, LockSet::new(Perm::empty(), Perm::WRITE | Perm::RESIZE));
     }
 
     #[test]
     fn decide_reproduces_spec_vectors() {
-        let qemu_io_rw = Others { held: set(Access::WRITE), ..Others::default() };
+        let qemu_io_rw = Others { held: Access::WRITE.lock_set(Perm::ALL), ..Others::default() };
         let shared_write = Verdict::Conflict(Check { perm: Perm::WRITE, shared: true });
         let get_write = Verdict::Conflict(Check { perm: Perm::WRITE, shared: false });
         // V1, V3, V4
-        assert_eq!(decide(qemu_io_rw, LockSet::EMPTY, set(Access::INFO)), shared_write);
-        assert_eq!(decide(qemu_io_rw, LockSet::EMPTY, set(Access::READ)), shared_write);
-        assert_eq!(decide(qemu_io_rw, LockSet::EMPTY, set(Access::WRITE)), get_write);
+        assert_eq!(decide(qemu_io_rw, LockSet::EMPTY, Access::INFO.lock_set(Perm::ALL)), shared_write);
+        assert_eq!(decide(qemu_io_rw, LockSet::EMPTY, Access::READ.lock_set(Perm::ALL)), shared_write);
+        assert_eq!(decide(qemu_io_rw, LockSet::EMPTY, Access::WRITE.lock_set(Perm::ALL)), get_write);
         // V15: a holder of 200 stops even a force-share reader.
         let only_200 =
             Others { held: LockSet::new(Perm::empty(), Perm::CONSISTENT_READ), ..Others::default() };
         assert_eq!(
-            decide(only_200, LockSet::EMPTY, set(Access::FORCE_SHARE)),
+            decide(only_200, LockSet::EMPTY, Access::FORCE_SHARE.lock_set(Perm::ALL)),
             Verdict::Conflict(Check { perm: Perm::CONSISTENT_READ, shared: false })
         );
         // V21: a write lock on 100 fails the lock phase on that byte.
         let wr100 = LockSet::new(Perm::CONSISTENT_READ, Perm::empty());
         let w = Others { held: wr100, write_locked: wr100 };
-        assert_eq!(decide(w, LockSet::EMPTY, set(Access::READ)), Verdict::LockByte(100));
-        assert_eq!(decide(w, LockSet::EMPTY, set(Access::INFO)), Verdict::Granted);
+        assert_eq!(decide(w, LockSet::EMPTY, Access::READ.lock_set(Perm::ALL)), Verdict::LockByte(100));
+        assert_eq!(decide(w, LockSet::EMPTY, Access::INFO.lock_set(Perm::ALL)), Verdict::Granted);
     }
 }

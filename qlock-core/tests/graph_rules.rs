@@ -2,9 +2,9 @@
 //! (`xtask/tests/graph_expected.txt`, asserted on real QEMU 10.0.2 and 7.2 by
 //! `cargo test -p xtask --test graph`): the rules and the observations cannot drift apart.
 
+use qlock_core::Perm;
 use qlock_core::graph::rules::User;
 use qlock_core::graph::{Format, Role};
-use qlock_core::{LockSet, Perm};
 
 const CR: Perm = Perm::CONSISTENT_READ;
 const W: Perm = Perm::WRITE;
@@ -57,8 +57,7 @@ fn node(field: &str, graph: &str) -> (Role, Format) {
 }
 
 fn shown(access: qlock_core::Access) -> String {
-    let (perm, unshared) = access.within(Perm::ALL);
-    let set = LockSet::new(perm, unshared);
+    let set = access.lock_set(Perm::ALL);
     // The table writes a node with no byte at all as a single `-`.
     if set.is_empty() { "-".into() } else { set.to_string() }
 }

@@ -58,7 +58,6 @@ struct Newcomer {
     access: Access,
 }
 
-const NO_IO: Access = Access::new(Perm::empty(), Perm::ALL);
 const RAW_RESIZE: Access =
     Access::new(Perm::CONSISTENT_READ.union(Perm::WRITE).union(Perm::RESIZE), Perm::ALL);
 /// `qemu-nbd` read-write on raw: an NBD export never shares resize (`100 101 | 203`).
@@ -76,7 +75,7 @@ const NEWCOMERS: &[Newcomer] = &[
         name: "qemu-img info -U",
         args: &["qemu-img", "info", "-U", "-f", "qcow2", "{}"],
         raw: false,
-        access: NO_IO,
+        access: Access::NONE,
     },
     Newcomer {
         name: "qemu-io -r",
@@ -118,7 +117,7 @@ const NEWCOMERS: &[Newcomer] = &[
         name: "qemu-img info -f raw",
         args: &["qemu-img", "info", "-f", "raw", "{}"],
         raw: true,
-        access: NO_IO,
+        access: Access::NONE,
     },
     Newcomer {
         name: "qemu-img resize -f raw",

@@ -110,9 +110,6 @@ const W: Perm = Perm::WRITE;
 const WU: Perm = Perm::WRITE_UNCHANGED;
 const RS: Perm = Perm::RESIZE;
 
-/// Holds no byte: used for what locks nothing on a format but is still meaningful there.
-const NOTHING: Access = Access::new(Perm::empty(), Perm::ALL);
-
 impl FrontEnd {
     /// Every front end, in declaration order, for table-driven tests.
     pub const ALL: [FrontEnd; 17] = [
@@ -151,7 +148,7 @@ impl FrontEnd {
             | QemuNbdReadOnly => Access::READ,
             QemuIoForceShare | QemuImgConvertSourceForceShare => Access::FORCE_SHARE,
             QemuImgInfo => Access::INFO,
-            QemuImgInfoForceShare => NOTHING,
+            QemuImgInfoForceShare => Access::NONE,
         };
         if format == Format::Qcow2 {
             return Some(qcow2);
@@ -160,7 +157,7 @@ impl FrontEnd {
             QemuImgCheck | QemuImgCheckRepair => return None,
             QemuIoRw | VmDiskShareRw => Access::WRITE_SHARED,
             QemuIoReadOnly | QemuIoForceShare | QemuImgConvertSourceForceShare => Access::FORCE_SHARE,
-            QemuImgInfo | QemuImgInfoForceShare | StorageDaemonBlockdev => NOTHING,
+            QemuImgInfo | QemuImgInfoForceShare | StorageDaemonBlockdev => Access::NONE,
             QemuImgConvertSource | BackingFile => Access::READ,
             QemuImgResize => Access::new(CR | W | RS, Perm::ALL),
             VmDisk => Access::new(CR | W, CR | WU | RS),
@@ -278,10 +275,7 @@ mod tests {
     ];
 
     fn show(a: Option<Access>) -> String {
-        a.map_or("n/a".into(), |a| {
-            let (perm, unshared) = a.within(Perm::ALL);
-            qlock_core::LockSet::new(perm, unshared).to_string()
-        })
+        a.map_or("n/a".into(), |a| a.lock_set(Perm::ALL).to_string())
     }
 
     #[test]

@@ -113,10 +113,7 @@ impl HolderBuilder {
     }
 
     fn target(&self) -> Result<Held> {
-        let access = |a: Access| {
-            let (perm, unshared) = a.within(Perm::ALL);
-            Held::Access(LockSet::new(perm, unshared), self.kind)
-        };
+        let access = |a: Access| Held::Access(a.lock_set(Perm::ALL), self.kind);
         match &self.want {
             Want::FrontEnd(fe, format) => {
                 fe.access(*format).map(access).ok_or(Error::NotApplicable { front_end: *fe, format: *format })
@@ -209,10 +206,7 @@ impl HolderBuilder {
             nodes.truncate(1);
         }
         let (user, kind) = (fe.user(), self.kind);
-        let held = |a: Access| {
-            let (perm, unshared) = a.within(Perm::ALL);
-            Held::Access(LockSet::new(perm, unshared), kind)
-        };
+        let held = |a: Access| Held::Access(a.lock_set(Perm::ALL), kind);
         let passes: Vec<(Held, Held)> = nodes
             .iter()
             .map(|n| (held(user.detached().node(n.role, n.format)), held(user.node(n.role, n.format))))
@@ -390,8 +384,7 @@ impl FakeQemu {
             Imp::Fake { .. } => HolderKind::Ofd,
             Imp::Real(_) => return Err(Error::Unsupported("set_access")),
         };
-        let (perm, unshared) = access.within(Perm::ALL);
-        self.change_to(Held::Access(LockSet::new(perm, unshared), kind))
+        self.change_to(Held::Access(access.lock_set(Perm::ALL), kind))
     }
 
     /// Changes to exactly `locks`: takes them all first, then releases what only the old set

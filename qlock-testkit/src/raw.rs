@@ -82,8 +82,7 @@ impl RawLock {
 
     /// The read locks an [`Access`](qlock_core::Access) holds (QEMU >= 7.0 bytes).
     pub fn from_access(access: qlock_core::Access, kind: HolderKind) -> Vec<RawLock> {
-        let (perm, unshared) = access.within(Perm::ALL);
-        RawLock::from_lock_set(LockSet::new(perm, unshared), kind)
+        RawLock::from_lock_set(access.lock_set(Perm::ALL), kind)
     }
 
     /// The exclusive end, `u64::MAX` for "to the end of the file".
@@ -227,11 +226,6 @@ mod tests {
     use super::*;
     use qlock_core::Access;
 
-    fn set(a: Access) -> LockSet {
-        let (p, u) = a.within(Perm::ALL);
-        LockSet::new(p, u)
-    }
-
     fn spans(ops: &[Op]) -> Vec<(Cmd, u64, u64)> {
         ops.iter().map(|o| (o.cmd, o.start, o.len)).collect()
     }
@@ -241,8 +235,8 @@ mod tests {
         // qemu-io -r reopened read-write (spec V25): lock 101 103, check the whole new request,
         // release nothing; abort releases only what was added.
         let (req, checks) = change(
-            &Held::Access(set(Access::READ), HolderKind::Ofd),
-            &Held::Access(set(Access::WRITE), HolderKind::Ofd),
+            &Held::Access(Access::READ.lock_set(Perm::ALL), HolderKind::Ofd),
+            &Held::Access(Access::WRITE.lock_set(Perm::ALL), HolderKind::Ofd),
         );
         assert_eq!(spans(&req.prepare), vec![(Cmd::Read, 101, 1), (Cmd::Read, 103, 1)]);
         assert_eq!(req.check.iter().map(|o| o.start).collect::<Vec<_>>(), vec![200, 201, 203, 101, 103]);
@@ -251,8 +245,8 @@ mod tests {
         assert_eq!(spans(&req.abort), vec![(Cmd::Unlock, 101, 1), (Cmd::Unlock, 103, 1)]);
         // Fast path: going down checks nothing and releases at commit.
         let (req, _) = change(
-            &Held::Access(set(Access::WRITE), HolderKind::Ofd),
-            &Held::Access(set(Access::READ), HolderKind::Ofd),
+            &Held::Access(Access::WRITE.lock_set(Perm::ALL), HolderKind::Ofd),
+            &Held::Access(Access::READ.lock_set(Perm::ALL), HolderKind::Ofd),
         );
         assert!(req.prepare.is_empty() && req.check.is_empty());
         assert_eq!(spans(&req.commit), vec![(Cmd::Unlock, 101, 1), (Cmd::Unlock, 103, 1)]);
@@ -276,8 +270,10 @@ mod tests {
 
     #[test]
     fn switching_to_an_access_checks_the_whole_request() {
-        let (req, checks) =
-            change(&Held::Raw(vec![RawLock::byte(0)]), &Held::Access(set(Access::READ), HolderKind::Ofd));
+        let (req, checks) = change(
+            &Held::Raw(vec![RawLock::byte(0)]),
+            &Held::Access(Access::READ.lock_set(Perm::ALL), HolderKind::Ofd),
+        );
         assert_eq!(spans(&req.prepare), vec![(Cmd::Read, 100, 1), (Cmd::Read, 201, 1), (Cmd::Read, 203, 1)]);
         assert_eq!(checks.iter().map(|c| c.byte()).collect::<Vec<_>>(), vec![200, 101, 103]);
         assert_eq!(spans(&req.commit), vec![(Cmd::Unlock, 0, 1)]);

@@ -2,7 +2,7 @@
 //! the kernel (`/proc/PID/fdinfo` lock lines and `F_OFD_GETLK` probes, via `qlock_core::inspect`).
 
 use qlock_core::{HeldRange, ImageStatus};
-use qlock_core::{LockKind, LockSet, Perm};
+use qlock_core::{LockKind, Perm};
 use qlock_testkit::fixtures::TempImage;
 use qlock_testkit::{FakeQemu, Format, FrontEnd, HolderKind, RawLock};
 use rstest::rstest;
@@ -21,8 +21,7 @@ fn each_front_end_holds_exactly_the_spec_bytes(#[values(Format::Qcow2, Format::R
             assert!(err.to_string().contains("does not apply"), "{err}");
             continue;
         };
-        let (perm, unshared) = access.within(Perm::ALL);
-        let want = LockSet::new(perm, unshared);
+        let want = access.lock_set(Perm::ALL);
         let holder = FakeQemu::builder(&image).front_end(fe, format).spawn().unwrap();
         let s = status(&image);
         assert_eq!(s.others.held, want, "{fe} on {format}: probed bytes");

@@ -45,14 +45,9 @@ fn run(cmd: &[&str], format: Format, image: &Path) -> Option<String> {
     Some(line[line.find("Failed to").unwrap()..].to_string())
 }
 
-fn set(a: Access) -> LockSet {
-    let (p, u) = a.within(Perm::ALL);
-    LockSet::new(p, u)
-}
-
 fn expected(holder: Access, newcomer: Access) -> Option<String> {
-    let others = Others { held: set(holder), ..Others::default() };
-    match decide(others, LockSet::EMPTY, set(newcomer)) {
+    let others = Others { held: holder.lock_set(Perm::ALL), ..Others::default() };
+    match decide(others, LockSet::EMPTY, newcomer.lock_set(Perm::ALL)) {
         Verdict::Granted => None,
         Verdict::LockByte(b) => Some(format!("Failed to lock byte {b}")),
         Verdict::Conflict(c) => Some(c.message()),
@@ -112,7 +107,7 @@ fn real_holders_hold_the_table_bytes_behind_the_same_handle(
         compared += 1;
         assert!(real.is_real());
         let s = qlock_core::inspect(&[image.path()]).remove(0).unwrap();
-        assert_eq!(s.others.held, set(fe.access(format).unwrap()), "real {fe} on {format}");
+        assert_eq!(s.others.held, fe.access(format).unwrap().lock_set(Perm::ALL), "real {fe} on {format}");
         assert!(s.holders.iter().all(|h| h.pid == real.pid()), "{:?}", s.holders);
         assert!(matches!(real.set_access(Access::READ), Err(Error::Unsupported(_))));
         assert!(real.release().unwrap().success(), "{fe} quits cleanly");

@@ -105,10 +105,8 @@ mod tests {
         tokio::spawn(owned.release());
         tokio::spawn(async move {
             drop(ImageLock::acquire_with("p", Access::READ, &opts).await?);
-            drop(ImageLock::try_acquire("p", Access::READ, &opts).await?);
             drop(ImageLock::acquire_wait("p", Access::READ, &opts, &backoff).await?);
             guard.set_access(Access::READ).await?;
-            guard.try_set_access(Access::READ).await?;
             guard.wait_for(Access::READ, &backoff).await
         });
     }

@@ -249,7 +249,7 @@ pub fn newcomers() -> Vec<QemuNewcomer> {
 
 /// Two accesses take the same bytes (graph-mod aside).
 pub fn same_bytes(a: Access, b: Access) -> bool {
-    a.within(ALL) == b.within(ALL)
+    a.lock_set(ALL) == b.lock_set(ALL)
 }
 
 #[cfg(test)]

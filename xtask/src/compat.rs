@@ -355,8 +355,7 @@ fn run_row(build: &QemuBuild, holder: &Holder, newcomers: &[Newcomer], dir: Path
 }
 
 fn lockset(a: Access) -> LockSet {
-    let (perm, unshared) = a.within(Perm::ALL);
-    LockSet::new(perm, unshared)
+    a.lock_set(Perm::ALL)
 }
 
 fn derive_checks(holders: &[Holder], newcomers: &[Newcomer], rows: &[Row]) -> Vec<Check> {

@@ -79,8 +79,8 @@ pub fn held_from_another_process(path: &Path) -> (LockSet, Vec<u32>) {
 pub fn probe_role() {
     let path = std::env::var("QLOCK_IMAGE").unwrap();
     let status = qlock_core::inspect(&[&path]).remove(0).unwrap();
-    let bytes: Vec<String> = (100..=104)
-        .chain(200..=204)
+    let bytes: Vec<String> = qlock_core::PROTOCOL_BYTES
+        .into_iter()
         .filter(|b| status.others.held.has_byte(*b))
         .map(|b: u64| b.to_string())
         .collect();

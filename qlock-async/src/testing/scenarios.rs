@@ -168,7 +168,8 @@ pub fn acquire_conflicts_name_the_holder_and_access_changes_follow_qemu<H: Harne
         let err = Lock::<H>::acquire(&path, Access::READ).await.unwrap_err();
         assert!(err.to_string().starts_with("Failed to get shared \"write\" lock"), "{err}");
         assert_eq!(err.conflict().unwrap().holders[0].pid, vm.pid());
-        let err = Lock::<H>::try_acquire(&path, Access::READ, &LockOptions::default()).await.unwrap_err();
+        let quiet = LockOptions::default().with_find_holders(false);
+        let err = Lock::<H>::acquire_with(&path, Access::READ, &quiet).await.unwrap_err();
         assert!(err.conflict().unwrap().holders.is_empty());
         // A force-share reader gets in, and cannot upgrade while the VM writes.
         let mut reader = Lock::<H>::acquire(&path, Access::FORCE_SHARE).await.unwrap();
@@ -390,11 +391,6 @@ fn ours_from_outside(path: &Path) -> LockSet {
     holders.iter().filter(|(pid, _)| *pid == me).fold(LockSet::EMPTY, |acc, (_, b)| acc.union(*b))
 }
 
-fn set(access: Access) -> LockSet {
-    let (perm, unshared) = access.within(Perm::ALL);
-    LockSet::new(perm, unshared)
-}
-
 /// Issue 8.5: another process holds bytes 201 and 203; a force-share guard's upgrade to
 /// `write` (and a `wait_for` whose deadline has passed) fails its lock calls and goes on to
 /// name the holders, and is dropped right there, after one poll. The guard must keep its
@@ -431,7 +427,7 @@ pub fn a_cancelled_access_change_keeps_the_old_locks<H: Harness>() {
     }
 }
 
-/// A storm of access changes (`set_access`, `try_set_access`, `wait_for`) on one guard,
+/// A storm of access changes (`set_access`, `wait_for`) on one guard,
 /// each cancelled after a random number of polls or by a random timeout, while a foreign
 /// holder process changes its access now and then. After each, once the pool has settled,
 /// the guard holds its old or its new access, never less, and another process sees exactly
@@ -465,8 +461,7 @@ pub fn random_cancellations_keep_the_old_or_the_new_access<H: Harness>(n: u64) {
         let timeout = Duration::from_micros(rng.below(2000));
         let done = H::block_on(async {
             match op {
-                0 => CancelAfter { fut: Box::pin(guard.set_access(new)), polls }.await,
-                1 => CancelAfter { fut: Box::pin(guard.try_set_access(new)), polls }.await,
+                0 | 1 => CancelAfter { fut: Box::pin(guard.set_access(new)), polls }.await,
                 2 => CancelAfter { fut: Box::pin(guard.wait_for(new, &wait)), polls }.await,
                 _ => H::timeout(timeout, guard.set_access(new)).await,
             }
@@ -480,7 +475,11 @@ pub fn random_cancellations_keep_the_old_or_the_new_access<H: Harness>(n: u64) {
         let case = format!("{} #{i}: {old:?} -> {new:?}, op {op}, polls {polls}", H::NAME);
         assert!(!guard.is_lost(), "{case}: lost");
         assert!(now == old || now == new, "{case}: holds {now:?}");
-        assert_eq!((guard.held(), ours_from_outside(&path)), (set(now), set(now)), "{case}");
+        assert_eq!(
+            (guard.held(), ours_from_outside(&path)),
+            (now.lock_set(Perm::ALL), now.lock_set(Perm::ALL)),
+            "{case}"
+        );
         if now == old { kept += 1 } else { changed += 1 }
     }
     eprintln!("{}: kept {kept}, changed {changed}, cancelled {cancelled}", H::NAME);

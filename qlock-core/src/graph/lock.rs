@@ -29,7 +29,8 @@ use crate::wake::{self, CloseWatch};
 /// alone (`--no-chain`), use [`ImageLock`](crate::ImageLock).
 ///
 /// ```no_run
-/// use qlock_core::{Access, ChainLock, LockOptions};
+/// use qlock_core::graph::ChainLock;
+/// use qlock_core::{Access, LockOptions};
 ///
 /// // A backup of an overlay: refuse writers on the overlay *and* on its backing files.
 /// let guard = ChainLock::acquire("vm.qcow2", Access::READ, &LockOptions::default())?;

@@ -189,8 +189,7 @@ mod tests {
     use super::*;
 
     fn bytes(a: Access) -> String {
-        let (perm, unshared) = a.within(Perm::ALL);
-        crate::LockSet::new(perm, unshared).to_string()
+        a.lock_set(Perm::ALL).to_string()
     }
 
     #[test]

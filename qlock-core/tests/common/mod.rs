@@ -21,8 +21,7 @@ pub(crate) const BYTES: [u64; 8] = [100, 101, 102, 103, 200, 201, 202, 203];
 
 /// The bytes `access` locks, as a [`LockSet`] (graph-mod left out, as QEMU >= 7.0 does).
 pub(crate) fn set(access: Access) -> LockSet {
-    let (perm, unshared) = access.within(Perm::ALL);
-    LockSet::new(perm, unshared)
+    access.lock_set(Perm::ALL)
 }
 
 /// The access that locks exactly `s`.

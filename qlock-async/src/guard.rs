@@ -175,8 +175,10 @@ impl<R: Runtime> AsyncImageLock<R> {
     }
 
     /// True if the guard had lost its descriptor. Cancellation never loses it (a descriptor
-    /// lent to the pool always comes back, see the [crate docs](crate#cancellation)), so this
-    /// is false for every guard; it checks that promise.
+    /// lent to the pool always comes back, see the [crate docs](crate#cancellation)), so there
+    /// is no `Error::Lost` and this is false for every guard: a check of that promise for the
+    /// tests (and the `testing` feature's scenarios), not part of the release API.
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_lost(&self) -> bool {
         self.home.is_lost()
     }

@@ -1,6 +1,5 @@
 //! [`inspect`], offloaded: who holds what on many images.
 
-use std::io;
 use std::path::{Path, PathBuf};
 
 use qlock_core::{Error, ImageStatus};
@@ -12,7 +11,7 @@ use crate::runtime::Runtime;
 ///
 /// # Errors
 /// One result per path, in order; a path that cannot be opened or probed fails alone, and a
-/// failed pool task fails them all with [`Error::Io`].
+/// failed pool task fails them all with [`Error::Pool`].
 pub async fn inspect<R: Runtime, P: AsRef<Path>>(
     paths: impl IntoIterator<Item = P>,
 ) -> Vec<Result<ImageStatus, Error>> {
@@ -21,10 +20,12 @@ pub async fn inspect<R: Runtime, P: AsRef<Path>>(
     match R::asyncify(move || Ok(qlock_core::inspect(&paths))).await {
         Ok(all) => all,
         Err(e) => {
-            let msg = e.to_string();
-            (0..n)
-                .map(|_| Err(Error::Io { what: msg.clone(), source: io::Error::other("task failed") }))
-                .collect()
+            // The one failure, for every path: a pool failure as such, anything else by its text.
+            let message = match e {
+                Error::Pool { message } => message,
+                e => e.to_string(),
+            };
+            (0..n).map(|_| Err(Error::Pool { message: message.clone() })).collect()
         }
     }
 }

@@ -116,7 +116,7 @@ fn exit(result: Result<Outcome, Failure>) -> ExitCode {
         Err(Failure::Lock { error, conflict }) => {
             say(&message(&error));
             print_hint(&error);
-            if error.conflict().is_some() { conflict } else { EXIT_ERROR }
+            if error.is_conflict() { conflict } else { EXIT_ERROR }
         }
         Err(Failure::Output(e)) => {
             if e.kind() == io::ErrorKind::BrokenPipe && !sys::started_ignoring(Signal::SIGPIPE) {

@@ -27,7 +27,7 @@ pub enum Error {
         path: PathBuf,
     },
     /// The path names a directory.
-    #[error("Could not open '{}': Is a directory (an image is a regular file or a block device)", .path.display())]
+    #[error("Could not open '{}': Is a directory", .path.display())]
     IsADirectory {
         /// The path as given.
         path: PathBuf,
@@ -41,7 +41,7 @@ pub enum Error {
         kind: &'static str,
     },
     /// Opening was refused; qlock opens read-only unless asked to write.
-    #[error("Could not open '{}': Permission denied (qlock needs read access to lock an image)", .path.display())]
+    #[error("Could not open '{}': Permission denied", .path.display())]
     PermissionDenied {
         /// The path as given.
         path: PathBuf,
@@ -57,12 +57,7 @@ pub enum Error {
     /// Under POSIX locks (no OFD), this process already holds the image through another
     /// `ImageLock`: a second descriptor would be blind to the first's locks and would drop them
     /// when closed, so qlock refuses to open it.
-    #[error(
-        "Could not open '{}' a second time in this process under POSIX locks: closing either \
-         descriptor would drop the locks of both, and POSIX locks cannot see conflicts within \
-         one process. Keep one ImageLock per image per process, or use OFD locks (Linux >= 3.15).",
-        .path.display()
-    )]
+    #[error("Could not open '{}' a second time in this process under POSIX locks", .path.display())]
     PosixSameProcess {
         /// The path as given.
         path: PathBuf,
@@ -117,6 +112,14 @@ pub enum Error {
         /// The error of the last attempt.
         last: Box<Error>,
     },
+    /// A task an async adapter sent to its blocking pool failed (it panicked, or its runtime
+    /// shut down). Nothing it took is left locked: a closure owns what it opens, and a guard's
+    /// descriptor comes back however the closure ends.
+    #[error("qlock: a blocking-pool task failed: {message}")]
+    Pool {
+        /// What the runtime said about the task.
+        message: String,
+    },
     /// Reading `/proc` or the image's metadata failed.
     #[error("{what}: {source}")]
     Io {
@@ -137,16 +140,28 @@ impl Error {
         }
     }
 
-    /// True when another holder is in the way: waiting may help.
+    /// True when another holder is in the way, also through a timeout: exactly when
+    /// [`Error::conflict`] is `Some`.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, Error::Conflict(_))
+        self.conflict().is_some()
     }
 
     /// What to do about this error, beyond QEMU's message in `Display`; `None` when there is
-    /// nothing more to say. For a filesystem without lock support: why, and the ways out (two
-    /// lines, no trailing newline).
+    /// nothing more to say. Every piece of advice is here, so that `Display` stays the line QEMU
+    /// prints. For a filesystem without lock support: why, and the ways out (two lines, no
+    /// trailing newline).
     pub fn hint(&self) -> Option<String> {
         match self {
+            Error::IsADirectory { .. } => Some("An image is a regular file or a block device.".into()),
+            Error::PermissionDenied { .. } => Some(
+                "qlock needs read access to lock an image (it opens read-only unless asked to write).".into(),
+            ),
+            Error::PosixSameProcess { .. } => Some(
+                "Closing either descriptor would drop the locks of both, and POSIX locks cannot see \
+                 conflicts within one process. Keep one ImageLock per image per process, or use OFD \
+                 locks (Linux >= 3.15)."
+                    .into(),
+            ),
             Error::Unsupported { path, source, .. } => Some(unsupported_hint(path, source)),
             // The check phase of a lock (QEMU's `Failed to get "write" lock: ...`) on the same
             // kind of filesystem keeps QEMU's message.
@@ -262,5 +277,53 @@ impl fmt::Display for Conflict {
             write!(f, "\nHeld by {h}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perm::Perm;
+    use crate::protocol::Check;
+
+    fn conflict() -> Error {
+        let reason = ConflictReason::Check(Check { perm: Perm::WRITE, shared: true });
+        Error::Conflict(Box::new(Conflict { path: "vm.qcow2".into(), reason, holders: Vec::new() }))
+    }
+
+    #[test]
+    fn a_timed_out_conflict_is_a_conflict_by_both_questions() {
+        let timed_out =
+            Error::TimedOut { path: "vm.qcow2".into(), waited: Duration::ZERO, last: Box::new(conflict()) };
+        assert!(timed_out.is_conflict());
+        assert_eq!(timed_out.conflict().map(Conflict::byte), Some(101));
+        let other = Error::NotFound { path: "vm.qcow2".into() };
+        assert_eq!((other.is_conflict(), other.conflict().is_some()), (false, false));
+    }
+
+    #[test]
+    fn display_is_qemus_line_and_the_advice_is_in_the_hint() {
+        let path = PathBuf::from("vm.qcow2");
+        let cases = [
+            (
+                Error::PermissionDenied { path: path.clone() },
+                "Could not open 'vm.qcow2': Permission denied",
+                "read access",
+            ),
+            (
+                Error::IsADirectory { path: path.clone() },
+                "Could not open 'vm.qcow2': Is a directory",
+                "regular file",
+            ),
+            (
+                Error::PosixSameProcess { path },
+                "Could not open 'vm.qcow2' a second time in this process under POSIX locks",
+                "one ImageLock per image",
+            ),
+        ];
+        for (err, display, advice) in cases {
+            assert_eq!(err.to_string(), display);
+            assert!(err.hint().is_some_and(|h| h.contains(advice)), "{:?}", err.hint());
+        }
     }
 }

@@ -129,7 +129,8 @@ pub trait Retry: Sized {
 
 impl Retry for Error {
     fn is_retryable(&self) -> bool {
-        self.is_conflict()
+        // A conflict, not a timeout that carries one: a timeout ends the wait.
+        matches!(self, Error::Conflict(_))
     }
 
     fn timed_out(self, waited: Duration) -> Error {

@@ -38,9 +38,14 @@ pub enum Error {
         source: io::Error,
     },
     /// The locking protocol refused the access, as QEMU would: a conflict found by the check
-    /// phase, or a write lock in the way of the lock phase. Nothing of the attempt stays held.
+    /// phase, or a write lock in the way of the lock phase (also after a timeout). Nothing of
+    /// the attempt stays held. Only refusals: [`qlock_core::Error::is_conflict`] holds.
     #[error(transparent)]
-    Refused(#[from] qlock_core::Error),
+    Refused(qlock_core::Error),
+    /// qlock failed for another reason than a refusal (the filesystem cannot lock, a lock call
+    /// failed): the error as qlock reports it.
+    #[error(transparent)]
+    Lock(qlock_core::Error),
     /// A chain holder ([`HolderBuilder::chain`](crate::HolderBuilder::chain)) could not
     /// discover the graph, or a node refused: QEMU's message with its prefix, naming the node.
     #[error(transparent)]
@@ -106,6 +111,13 @@ pub enum Error {
         /// The underlying error.
         source: io::Error,
     },
+}
+
+impl From<qlock_core::Error> for Error {
+    /// A refusal by the protocol becomes [`Error::Refused`], anything else [`Error::Lock`].
+    fn from(e: qlock_core::Error) -> Error {
+        if e.is_conflict() { Error::Refused(e) } else { Error::Lock(e) }
+    }
 }
 
 impl Error {

@@ -439,7 +439,7 @@ impl FakeQemu {
     fn on_node(&self, node: usize, opening: bool, err: Error) -> Error {
         let Some(n) = self.nodes.get(node) else { return err };
         let source = match err {
-            Error::Refused(source) => source,
+            Error::Refused(source) | Error::Lock(source) => source,
             other => return other,
         };
         let levels = match n.role {

@@ -1,8 +1,6 @@
 //! tokio's blocking pool: the one crossing to it, and drops there. A leaf: the runtime glue
 //! and the close hint both use it.
 
-use std::io;
-
 use qlock_core::Error;
 
 /// Runs `f` on tokio's blocking pool ([`tokio::task::spawn_blocking`]). `f` owns what it
@@ -15,9 +13,7 @@ where
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => {
-            Err(Error::Io { what: "qlock: background task failed".into(), source: io::Error::other(e) })
-        }
+        Err(e) => Err(Error::Pool { message: e.to_string() }),
     }
 }
 

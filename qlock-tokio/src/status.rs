@@ -25,7 +25,7 @@ use crate::Tokio;
 ///
 /// # Errors
 /// One result per path, in order; a path that cannot be opened or probed fails alone, and a
-/// failed pool task fails them all with [`Error::Io`].
+/// failed pool task fails them all with [`Error::Pool`].
 pub async fn inspect<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> Vec<Result<ImageStatus, Error>> {
     qlock_async::inspect::<Tokio, P>(paths).await
 }

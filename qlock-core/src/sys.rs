@@ -1,4 +1,8 @@
-//! The only place that calls `fcntl`: one thin wrapper per lock command.
+//! The only place that calls `fcntl`: one thin wrapper per lock command, the rustix way.
+//!
+//! Each wrapper's doc opens with its C call and ends with its references; descriptors come in
+//! as `impl AsFd`; what a set-lock call does is an enum with no write variant, so the one call
+//! qlock must never make cannot be written.
 //!
 //! OFD locks (`F_OFD_SETLK` / `F_OFD_GETLK`) belong to the open file description, so two
 //! descriptors of one process see each other and closing an unrelated descriptor loses nothing.
@@ -12,7 +16,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::OnceLock;
 
 use nix::errno::Errno;
@@ -22,6 +26,8 @@ use nix::libc;
 use crate::protocol::ByteRange;
 
 /// Which family of fcntl lock commands a descriptor uses.
+#[doc(alias = "F_OFD_SETLK")]
+#[doc(alias = "F_SETLK")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LockKind {
     /// Open file description locks (Linux >= 3.15). What QEMU uses when it can.
@@ -44,7 +50,12 @@ pub(crate) struct FoundLock {
     pub pid: Option<u32>,
 }
 
-/// Whether this kernel supports OFD locks, probed once per process on `/dev/null` like QEMU.
+/// `fcntl(fd, F_OFD_GETLK, ...)` on `/dev/null`, once per process: whether this kernel has OFD
+/// locks, probed as QEMU probes them.
+///
+/// # References
+/// - QEMU `util/osdep.c` (`qemu_probe_lock_ops`), observed: a kernel without OFD fails the call
+///   with `EINVAL`.
 pub(crate) fn ofd_supported() -> bool {
     static OFD: OnceLock<bool> = OnceLock::new();
     *OFD.get_or_init(|| {
@@ -52,13 +63,13 @@ pub(crate) fn ofd_supported() -> bool {
             tracing::warn!("Failed to open /dev/null for OFD lock probing; using POSIX locks");
             return false;
         };
-        let mut fl = flock(libc::F_WRLCK, ByteRange { start: 0, len: 0 });
+        let mut fl = flock(Probe::TYPE, ByteRange { start: 0, len: 0 });
         fcntl(&null, FcntlArg::F_OFD_GETLK(&mut fl)).is_ok()
     })
 }
 
-/// Whether `fd` lives on a local filesystem (ext2/3/4, xfs, btrfs, tmpfs), where lock calls
-/// are non-blocking syscalls of well under a microsecond.
+/// `fstatfs(fd)`: whether `fd` lives on a local filesystem (ext2/3/4, xfs, btrfs, tmpfs), where
+/// lock calls are non-blocking syscalls of well under a microsecond.
 ///
 /// Async callers may run such calls inline on their executor. Anything else (NFS, CIFS, FUSE,
 /// overlay over an unknown lower layer, or a failing `fstatfs`) may block for a network round
@@ -66,13 +77,14 @@ pub(crate) fn ofd_supported() -> bool {
 ///
 /// ```
 /// let tmp = std::fs::File::open(std::env::temp_dir())?;
-/// let _local: bool = qlock_core::is_local_fs(std::os::fd::AsFd::as_fd(&tmp));
+/// let _local: bool = qlock_core::is_local_fs(&tmp);
 /// # Ok::<(), std::io::Error>(())
 /// ```
 ///
 /// # References
 /// - [`statfs(2)`](https://man7.org/linux/man-pages/man2/statfs.2.html)
-pub fn is_local_fs(fd: BorrowedFd<'_>) -> bool {
+#[doc(alias = "fstatfs")]
+pub fn is_local_fs(fd: impl AsFd) -> bool {
     use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC, fstatfs};
     // EXT4_SUPER_MAGIC is also ext2's and ext3's.
     fstatfs(fd).is_ok_and(|s| {
@@ -80,28 +92,60 @@ pub fn is_local_fs(fd: BorrowedFd<'_>) -> bool {
     })
 }
 
-/// Read-locks `range` (non-blocking, `EINTR` retried).
-#[doc(alias = "F_OFD_SETLK")]
-pub(crate) fn read_lock(fd: BorrowedFd<'_>, kind: LockKind, range: ByteRange) -> io::Result<()> {
-    seam::lock_call()?;
-    setlk(fd, kind, libc::F_RDLCK, range)
+/// What a set-lock command is asked to do. There is no write lock here: qlock never sets one,
+/// so a call that would is not representable (write locks are only *tested*, by [`test_write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetLock {
+    /// `F_RDLCK`: a shared read lock, the only lock QEMU's protocol takes.
+    Read,
+    /// `F_UNLCK`: release.
+    Unlock,
 }
 
-/// Releases `range` (`F_UNLCK`).
-pub(crate) fn unlock(fd: BorrowedFd<'_>, kind: LockKind, range: ByteRange) -> io::Result<()> {
-    setlk(fd, kind, libc::F_UNLCK, range)
+impl SetLock {
+    fn l_type(self) -> libc::c_short {
+        (match self {
+            SetLock::Read => libc::F_RDLCK,
+            SetLock::Unlock => libc::F_UNLCK,
+        }) as libc::c_short
+    }
 }
 
-/// Asks whether a write lock on `range` would conflict with anyone else's lock, and returns the
-/// first such lock. Locks of this same description (OFD) or process (POSIX) are not reported.
-#[doc(alias = "F_OFD_GETLK")]
-pub(crate) fn test_write(
-    fd: BorrowedFd<'_>,
-    kind: LockKind,
-    range: ByteRange,
-) -> io::Result<Option<FoundLock>> {
+/// The lock type a probe asks about: a write lock, which any other lock conflicts with.
+struct Probe;
+
+impl Probe {
+    const TYPE: libc::c_short = libc::F_WRLCK as libc::c_short;
+}
+
+/// `fcntl(fd, F_OFD_SETLK, {F_RDLCK, range})` (`F_SETLK` for POSIX locks): read-locks `range`
+/// without waiting, `EINTR` retried.
+///
+/// # References
+/// - [`fcntl(2)`](https://man7.org/linux/man-pages/man2/fcntl.2.html), "Open file description locks"
+pub(crate) fn read_lock(fd: impl AsFd, kind: LockKind, range: ByteRange) -> io::Result<()> {
     seam::lock_call()?;
-    let mut fl = flock(libc::F_WRLCK, range);
+    setlk(fd.as_fd(), kind, SetLock::Read, range)
+}
+
+/// `fcntl(fd, F_OFD_SETLK, {F_UNLCK, range})` (`F_SETLK` for POSIX locks): releases `range`.
+///
+/// # References
+/// - [`fcntl(2)`](https://man7.org/linux/man-pages/man2/fcntl.2.html), "Open file description locks"
+pub(crate) fn unlock(fd: impl AsFd, kind: LockKind, range: ByteRange) -> io::Result<()> {
+    setlk(fd.as_fd(), kind, SetLock::Unlock, range)
+}
+
+/// `fcntl(fd, F_OFD_GETLK, {F_WRLCK, range})` (`F_GETLK` for POSIX locks): whether a write lock
+/// on `range` would conflict with anyone else's lock, and the first such lock. Locks of this
+/// same description (OFD) or process (POSIX) are not reported.
+///
+/// # References
+/// - [`fcntl(2)`](https://man7.org/linux/man-pages/man2/fcntl.2.html), "Open file description locks"
+pub(crate) fn test_write(fd: impl AsFd, kind: LockKind, range: ByteRange) -> io::Result<Option<FoundLock>> {
+    seam::lock_call()?;
+    let fd = fd.as_fd();
+    let mut fl = flock(Probe::TYPE, range);
     retry_eintr(|| {
         seam::count();
         match kind {
@@ -120,9 +164,8 @@ pub(crate) fn test_write(
     }))
 }
 
-fn setlk(fd: BorrowedFd<'_>, kind: LockKind, ty: libc::c_int, range: ByteRange) -> io::Result<()> {
-    debug_assert!(ty != libc::F_WRLCK, "qlock never sets a write lock");
-    let fl = flock(ty, range);
+fn setlk(fd: BorrowedFd<'_>, kind: LockKind, op: SetLock, range: ByteRange) -> io::Result<()> {
+    let fl = flock(op.l_type(), range);
     retry_eintr(|| {
         seam::count();
         match kind {
@@ -133,9 +176,9 @@ fn setlk(fd: BorrowedFd<'_>, kind: LockKind, ty: libc::c_int, range: ByteRange) 
     .map(drop)
 }
 
-fn flock(ty: libc::c_int, range: ByteRange) -> libc::flock {
+fn flock(l_type: libc::c_short, range: ByteRange) -> libc::flock {
     libc::flock {
-        l_type: ty as libc::c_short,
+        l_type,
         l_whence: libc::SEEK_SET as libc::c_short,
         l_start: range.start as libc::off_t,
         l_len: range.len as libc::off_t,

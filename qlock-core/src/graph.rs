@@ -37,22 +37,32 @@ use qcow2::{Header, HeaderError, Probed};
 /// chain this deep is a loop through names the kernel cannot see or a mistake.
 pub const MAX_DEPTH: usize = 256;
 
-/// An image format qlock follows.
+/// An image format qlock follows (and the testkit's holders open: one type for both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Format {
-    /// qcow2: may have a backing file and an external data file.
+    /// qcow2 (`-f qcow2`): may have a backing file and an external data file.
     Qcow2,
-    /// raw: a leaf.
+    /// raw (`-f raw`): a leaf.
     Raw,
 }
 
 impl Format {
-    /// QEMU's name for it.
+    /// Both formats, for table-driven tests.
+    pub const ALL: [Format; 2] = [Format::Qcow2, Format::Raw];
+
+    /// QEMU's name for it, as its `-f` option takes it.
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Qcow2 => "qcow2",
             Format::Raw => "raw",
         }
+    }
+}
+
+impl std::fmt::Display for Format {
+    /// QEMU's name: `qcow2`, `raw`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

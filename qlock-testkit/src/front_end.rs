@@ -8,46 +8,13 @@ use std::fmt;
 use qlock_core::graph::rules::User;
 use qlock_core::{Access, Perm};
 
-/// The image format the front end opens, which changes what lands on the file.
+/// The image format the front end opens, which changes what lands on the file (qlock-core's
+/// own `graph::Format`, re-exported).
 ///
 /// A qcow2 node always asks its file for consistent read (plus write and resize when writable)
 /// and never shares write or resize, so a qcow2 file always shows `201 203`. The raw format
 /// passes the top user's request through unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// `-f qcow2`.
-    Qcow2,
-    /// `-f raw`.
-    Raw,
-}
-
-impl Format {
-    /// The name QEMU's `-f` option takes.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Qcow2 => "qcow2",
-            Format::Raw => "raw",
-        }
-    }
-
-    /// Both formats, for table-driven tests.
-    pub const ALL: [Format; 2] = [Format::Qcow2, Format::Raw];
-}
-
-impl From<Format> for qlock_core::graph::Format {
-    fn from(f: Format) -> Self {
-        match f {
-            Format::Qcow2 => qlock_core::graph::Format::Qcow2,
-            Format::Raw => qlock_core::graph::Format::Raw,
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use qlock_core::graph::Format;
 
 /// A QEMU front end, named after what a person would run.
 ///
@@ -284,7 +251,7 @@ mod tests {
         for fe in FrontEnd::ALL {
             for format in Format::ALL {
                 let Some(access) = fe.access(format) else { continue };
-                let got = fe.user().node(Role::Top, format.into());
+                let got = fe.user().node(Role::Top, format);
                 assert_eq!(show(Some(got)), show(Some(access)), "{fe} on {format}");
             }
         }

@@ -190,7 +190,7 @@ impl HolderBuilder {
         fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
         let opts = LockOptions::default().with_locking(Locking::Off);
         let top = ImageLock::open(&self.path, &opts)?;
-        let chain = Chain::discover(top, Some(format.into()), |p| ImageLock::open(p, &opts))?;
+        let chain = Chain::discover(top, Some(format), |p| ImageLock::open(p, &opts))?;
         let mut nodes: Vec<ChainNode> = chain
             .nodes()
             .iter()

@@ -43,3 +43,45 @@ pub trait Runtime: Send + Sync + 'static {
     /// Sleeps for `delay`, or less if `hint` sees the image closed meanwhile.
     fn sleep(hint: &Self::Hint, delay: Duration) -> impl Future<Output = ()> + Send;
 }
+
+/// Implements [`Runtime`] for a runtime crate's marker type from its two parts: a `pool` module
+/// with `asyncify` and `drop_in_pool` (the crossing to its blocking pool), and a `Hint` type with
+/// `register`, `into_watch` and `sleep` (its reactor and timer). The runtime crates differ only
+/// in those parts, so the forwarding between them and the trait is written once, here.
+///
+/// Used as `qlock_async::runtime_from_parts!(Tokio, pool = pool, hint = Hint);` in a module
+/// that can name both (`pool` is a module path of the calling crate).
+#[macro_export]
+macro_rules! runtime_from_parts {
+    ($runtime:ty, pool = $($pool:ident)::+, hint = $hint:ty) => {
+        impl $crate::Runtime for $runtime {
+            type Hint = $hint;
+
+            fn asyncify<T, F>(
+                f: F,
+            ) -> impl ::std::future::Future<Output = ::std::result::Result<T, ::qlock_core::Error>> + Send
+            where
+                F: FnOnce() -> ::std::result::Result<T, ::qlock_core::Error> + Send + 'static,
+                T: Send + 'static,
+            {
+                $($pool)::+::asyncify(f)
+            }
+
+            fn drop_in_pool<T: Send + 'static>(value: T) {
+                $($pool)::+::drop_in_pool(value);
+            }
+
+            fn register(watch: Option<::qlock_core::CloseWatch>) -> $hint {
+                <$hint>::register(watch)
+            }
+
+            fn unregister(hint: $hint) -> Option<::qlock_core::CloseWatch> {
+                hint.into_watch()
+            }
+
+            fn sleep(hint: &$hint, delay: ::std::time::Duration) -> impl ::std::future::Future<Output = ()> + Send {
+                hint.sleep(delay)
+            }
+        }
+    };
+}

@@ -16,6 +16,18 @@ pub const CHILD_TEST: &str = "child_process";
 /// Selects a child role.
 pub const ROLE: &str = "QLOCK_TEST_ROLE";
 
+/// Serialises the scenario tests of one test binary.
+///
+/// A child that one test thread is spawning shares every open file description of the process
+/// from `fork` until its `exec` (docs/protocol.md §7 pitfall 4): a probe spawned by one scenario
+/// would briefly hold another scenario's guard, and that scenario's "held by this process
+/// alone" check would see the probe's pid. Real programs have the same window; these tests
+/// must not.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A 1 MiB raw image in `dir`.
 pub fn image(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);

@@ -54,6 +54,7 @@ macro_rules! scenario_tests {
         /// Child roles run by re-executing this binary (see `qlock_async::testing::spawn_child`).
         #[test]
         fn child_process() {
+            let _serial = $crate::testing::serial();
             $crate::testing::scenarios::child_process(&[$((<$h as $crate::testing::scenarios::Harness>::NAME,
                 $crate::testing::scenarios::contend_role::<$h> as fn())),+]);
         }
@@ -68,6 +69,7 @@ macro_rules! scenario_tests {
 
         #[test]
         fn random_cancellations_keep_the_old_or_the_new_access() {
+            let _serial = $crate::testing::serial();
             let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
             $($crate::testing::scenarios::random_cancellations_keep_the_old_or_the_new_access::<$h>(
                 $crate::testing::scenarios::STORM / runs);)+
@@ -75,6 +77,7 @@ macro_rules! scenario_tests {
 
         #[test]
         fn cancellation_torture_leaks_no_lock() {
+            let _serial = $crate::testing::serial();
             let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
             $($crate::testing::scenarios::cancellation_torture_leaks_no_lock::<$h>(
                 $crate::testing::scenarios::TORTURE / runs);)+
@@ -82,6 +85,7 @@ macro_rules! scenario_tests {
 
         #[test]
         fn contending_processes_never_overlap_and_all_finish() {
+            let _serial = $crate::testing::serial();
             $crate::testing::scenarios::contending_processes_never_overlap_and_all_finish(&[
                 $(<$h as $crate::testing::scenarios::Harness>::NAME),+
             ]);

@@ -584,7 +584,7 @@ pub fn the_chain_guard_locks_every_node_and_a_cancelled_acquire_leaks_none<H: Ha
             match r {
                 None => cancelled += 1,
                 Some(r) => {
-                    r.unwrap();
+                    drop(r.unwrap());
                     done += 1;
                 }
             }

@@ -65,6 +65,7 @@ macro_rules! scenario_tests {
             the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits,
             an_expiring_deadline_names_the_holders_and_leaves_nothing_held,
             a_cancelled_access_change_keeps_the_old_locks,
+            the_chain_guard_locks_every_node_and_a_cancelled_acquire_leaks_none,
         );
 
         #[test]
@@ -516,4 +517,86 @@ pub fn contending_processes_never_overlap_and_all_finish(runtimes: &[&str]) {
         assert_eq!(child_report(child), [format!("done {ITERS} overlaps 0")]);
     }
     assert!(held_from_another_process(&path).0.is_empty());
+}
+
+/// `top.qcow2` over `base.qcow2`, made by the real `qemu-img`.
+fn chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img").current_dir(dir).args(args).output().unwrap();
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+    run(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    (dir.join("top.qcow2"), dir.join("base.qcow2"))
+}
+
+type Chain<H> = crate::AsyncChainLock<<H as Harness>::R>;
+
+/// The async chain guard: a real `qemu-io` writing the base refuses a reader of the overlay
+/// with QEMU's message and prefix, naming it; a timed-out wait names it too; once it quits,
+/// the waiter holds `qemu-io -r`'s bytes on both nodes; and acquires and waits cancelled after
+/// any number of polls leave nothing held on any node, as another process sees.
+pub fn the_chain_guard_locks_every_node_and_a_cancelled_acquire_leaks_none<H: Harness>() {
+    let dir = tempfile::tempdir().unwrap();
+    let (top, base) = chain(dir.path());
+    let opts = LockOptions::default();
+    let mut vm =
+        qlock_testkit::FakeQemu::real(&base, qlock_testkit::FrontEnd::QemuIoRw, qlock_testkit::Format::Qcow2)
+            .unwrap_or_else(|e| panic!("real qemu-io: {e}"));
+    H::block_on(async {
+        let err = Chain::<H>::acquire(&top, Access::READ, &opts).await.unwrap_err();
+        assert!(
+            err.to_string().starts_with("Could not open backing file: Failed to get shared \"write\" lock"),
+            "{err}"
+        );
+        assert_eq!(err.conflict().unwrap().holders[0].pid, vm.pid());
+        let short = Backoff { timeout: Some(Duration::from_millis(30)), ..quick() };
+        let err = Chain::<H>::acquire_wait(&top, Access::READ, &opts, &short).await.unwrap_err();
+        assert!(matches!(err, qlock_core::ChainError::TimedOut { .. }), "{err}");
+        assert_eq!(err.conflict().unwrap().holders[0].pid, vm.pid());
+    });
+    for p in [&top, &base] {
+        let (_, pids) = held_from_another_process(p);
+        assert!(!pids.contains(&std::process::id()), "{}: the refused chain left a lock", p.display());
+    }
+    assert!(vm.release().unwrap().success(), "qemu-io quit");
+    let (mut done, mut cancelled) = (0, 0);
+    H::block_on(async {
+        let guard = Chain::<H>::acquire_wait(&top, Access::READ, &opts, &quick()).await.unwrap();
+        let held: Vec<String> = guard.held().iter().map(ToString::to_string).collect();
+        assert_eq!(held, ["100 | 201 203", "100 | 201 203"]);
+        guard.release().await.unwrap();
+        for polls in 0..40 {
+            let access = Access::PRESETS[polls as usize % Access::PRESETS.len()].access;
+            let fast = quick();
+            let r = match polls % 4 {
+                0 => {
+                    CancelAfter { fut: Box::pin(Chain::<H>::acquire(&top, access, &opts)), polls: polls / 4 }
+                        .await
+                }
+                1 => {
+                    let f = Chain::<H>::acquire_wait(&top, access, &opts, &fast);
+                    CancelAfter { fut: Box::pin(f), polls: polls / 4 }.await
+                }
+                // Cut by the runtime's timer somewhere inside the pool hop.
+                2 => {
+                    H::timeout(Duration::from_micros(polls * 50), Chain::<H>::acquire(&top, access, &opts))
+                        .await
+                }
+                _ => Some(Chain::<H>::acquire_wait(&top, access, &opts, &fast).await),
+            };
+            match r {
+                None => cancelled += 1,
+                Some(r) => {
+                    drop(r.unwrap());
+                    done += 1;
+                }
+            }
+        }
+    });
+    // block_on has waited for every closure still running on the pool.
+    assert!(cancelled > 0 && done > 0, "done {done}, cancelled {cancelled}");
+    for p in [&top, &base] {
+        assert_eq!(held_from_another_process(p), (LockSet::EMPTY, vec![]), "{}", p.display());
+    }
 }

@@ -5,7 +5,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -13,18 +12,18 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::resource::{Resource, getrlimit};
 use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 use qlock_core::error::{Conflict, ConflictReason};
 use qlock_core::graph::{Chain, ChainError, Role};
 use qlock_core::plan::Check;
-use qlock_core::{Access, ImageLock, LockOptions, LockSet, Locking, Perm};
+use qlock_core::{Access, ImageLock, LockKind, LockOptions, LockSet, Locking, Perm};
 
 use crate::error::{Error, Result};
 use crate::fork::{ChildSetup, MAX_NODES, fork_holder};
 use crate::front_end::{Format, FrontEnd};
-use crate::raw::{Held, HolderKind, RawLock, change};
-use crate::real::Real;
+use crate::raw::{Held, RawLock, change};
+pub use crate::real::NbdServer;
+use crate::real::{Real, reap};
 use crate::wire::{Cmd, REPLY_SIZE, Reply, Request, Status};
 
 /// How long a holder may take to answer before it is declared hung. Answers take
@@ -46,8 +45,9 @@ pub struct HolderBuilder {
     path: PathBuf,
     want: Want,
     writable: bool,
-    kind: HolderKind,
+    kind: LockKind,
     chain: bool,
+    nbd: NbdServer,
     qemu_bin_dir: Option<PathBuf>,
     qemu_env: Vec<(OsString, OsString)>,
 }
@@ -93,7 +93,15 @@ impl HolderBuilder {
 
     /// Take a front end's or access's bytes with POSIX locks, as QEMU does without OFD.
     pub fn posix(mut self) -> Self {
-        self.kind = HolderKind::Posix;
+        self.kind = LockKind::Posix;
+        self
+    }
+
+    /// Which program [`spawn_real`](Self::spawn_real) runs for [`FrontEnd::QemuNbdRw`] and
+    /// [`FrontEnd::QemuNbdReadOnly`] (default: a `qemu-storage-daemon` export). Both hold the
+    /// same bytes behind the same handle; dropping it kills and reaps either.
+    pub fn nbd_server(mut self, server: NbdServer) -> Self {
+        self.nbd = server;
         self
     }
 
@@ -250,7 +258,7 @@ impl HolderBuilder {
             return Err(Error::Unsupported("a raw lock set or bare access"));
         };
         fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
-        let real = Real::spawn(fe, format, &self.path, self.qemu_bin_dir.as_deref(), &self.qemu_env)?;
+        let real = Real::spawn(fe, format, &self.path, self.nbd, self.qemu_bin_dir.as_deref(), &self.qemu_env)?;
         let pid = Pid::from_raw(real.pid() as i32);
         Ok(FakeQemu {
             path: self.path,
@@ -326,8 +334,9 @@ impl FakeQemu {
             path: path.as_ref().to_path_buf(),
             want: Want::Raw(Vec::new()),
             writable: false,
-            kind: HolderKind::Ofd,
+            kind: LockKind::Ofd,
             chain: false,
+            nbd: NbdServer::StorageDaemon,
             qemu_bin_dir: None,
             qemu_env: Vec::new(),
         }
@@ -387,7 +396,7 @@ impl FakeQemu {
         }
         let kind = match &self.imp {
             Imp::Fake { held: Held::Access(_, kind), .. } => *kind,
-            Imp::Fake { .. } => HolderKind::Ofd,
+            Imp::Fake { .. } => LockKind::Ofd,
             Imp::Real(_) => return Err(Error::Unsupported("set_access")),
         };
         let (perm, unshared) = access.within(Perm::ALL);
@@ -511,7 +520,7 @@ impl FakeQemu {
                     }
                     .into())
                 } else {
-                    let kind = if op.posix { HolderKind::Posix } else { HolderKind::Ofd };
+                    let kind = if op.posix { LockKind::Posix } else { LockKind::Ofd };
                     let lock = RawLock { start: op.start, len: op.len, write: op.cmd == Cmd::Write, kind };
                     Err(Error::RawLock { lock, source: errno() })
                 }
@@ -608,14 +617,7 @@ impl FakeQemu {
         }
         let status = match &mut self.imp {
             Imp::Real(real) => real.wait()?,
-            Imp::Fake { .. } => loop {
-                match waitpid(self.pid, None) {
-                    Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw(code << 8),
-                    Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
-                    Ok(_) | Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(Error::Io { what: "waitpid", source: e.into() }),
-                }
-            },
+            Imp::Fake { .. } => reap(self.pid)?,
         };
         self.status = Some(status);
         Ok(status)

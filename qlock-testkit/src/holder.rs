@@ -47,6 +47,8 @@ pub struct HolderBuilder {
     writable: bool,
     kind: LockKind,
     chain: bool,
+    /// Further images held the same way, in the same process.
+    also: Vec<PathBuf>,
     nbd: NbdServer,
     qemu_bin_dir: Option<PathBuf>,
     qemu_env: Vec<(OsString, OsString)>,
@@ -88,6 +90,13 @@ impl HolderBuilder {
     /// ([`spawn_real`](Self::spawn_real)) holds the graph by itself, whatever this says.
     pub fn chain(mut self, chain: bool) -> Self {
         self.chain = chain;
+        self
+    }
+
+    /// Hold the same on `path` too, in the same process (repeatable): one holder of several
+    /// images, as a VM with several disks. Its locks can then no longer be changed.
+    pub fn also(mut self, path: impl AsRef<Path>) -> Self {
+        self.also.push(path.as_ref().to_path_buf());
         self
     }
 
@@ -155,10 +164,14 @@ impl HolderBuilder {
         let target = self.target()?;
         let writable = self.writable || matches!(&target, Held::Raw(l) if l.iter().any(|l| l.write));
         let (request, checks) = change(&Held::NOTHING, &target);
-        let paths = vec![self.path.clone()];
+        let paths: Vec<PathBuf> = std::iter::once(&self.path).chain(&self.also).cloned().collect();
         let mut holder = self.fork(&paths, writable, &request)?;
+        holder.also = paths[1..].to_vec();
         // On failure the handle is dropped here, which kills and reaps the child.
-        holder.finish(0, &request, &checks, target)?;
+        holder.finish(0, &request, &checks, target.clone())?;
+        for node in 1..paths.len() {
+            holder.step(node, &Held::NOTHING, &target)?;
+        }
         Ok(holder)
     }
 
@@ -192,6 +205,7 @@ impl HolderBuilder {
                 _ => None,
             },
             nodes: Vec::new(),
+            also: Vec::new(),
             imp: Imp::Fake { sock, held: Held::NOTHING, writable },
         })
     }
@@ -258,7 +272,8 @@ impl HolderBuilder {
             return Err(Error::Unsupported("a raw lock set or bare access"));
         };
         fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
-        let real = Real::spawn(fe, format, &self.path, self.nbd, self.qemu_bin_dir.as_deref(), &self.qemu_env)?;
+        let real =
+            Real::spawn(fe, format, &self.path, self.nbd, self.qemu_bin_dir.as_deref(), &self.qemu_env)?;
         let pid = Pid::from_raw(real.pid() as i32);
         Ok(FakeQemu {
             path: self.path,
@@ -266,6 +281,7 @@ impl HolderBuilder {
             status: None,
             front_end: Some((fe, format)),
             nodes: Vec::new(),
+            also: Vec::new(),
             imp: Imp::Real(real),
         })
     }
@@ -311,6 +327,8 @@ pub struct FakeQemu {
     front_end: Option<(FrontEnd, Format)>,
     /// Every node of a chain holder, top first; empty for a holder of one image.
     nodes: Vec<ChainNode>,
+    /// The further images a fake holds (see [`HolderBuilder::also`]).
+    also: Vec<PathBuf>,
     imp: Imp,
 }
 
@@ -336,6 +354,7 @@ impl FakeQemu {
             writable: false,
             kind: LockKind::Ofd,
             chain: false,
+            also: Vec::new(),
             nbd: NbdServer::StorageDaemon,
             qemu_bin_dir: None,
             qemu_env: Vec::new(),
@@ -391,8 +410,8 @@ impl FakeQemu {
     /// [`Error::Refused`] with QEMU's message on a conflict; [`Error::Unsupported`] on a real
     /// QEMU; [`Error::Gone`] when the holder died.
     pub fn set_access(&mut self, access: Access) -> Result<()> {
-        if !self.nodes.is_empty() {
-            return Err(Error::Unsupported("set_access on a chain holder"));
+        if !self.nodes.is_empty() || !self.also.is_empty() {
+            return Err(Error::Unsupported("set_access on a holder of several images"));
         }
         let kind = match &self.imp {
             Imp::Fake { held: Held::Access(_, kind), .. } => *kind,
@@ -410,6 +429,9 @@ impl FakeQemu {
     /// [`Error::RawLock`] when a lock cannot be taken (a write lock needs
     /// [`HolderBuilder::writable`]); [`Error::Unsupported`] on a real QEMU.
     pub fn set_raw(&mut self, locks: &[RawLock]) -> Result<()> {
+        if !self.nodes.is_empty() || !self.also.is_empty() {
+            return Err(Error::Unsupported("set_raw on a holder of several images"));
+        }
         if let Some(bad) = locks.iter().find(|l| !l.is_valid()) {
             return Err(Error::Invalid(format!("{bad} is beyond the largest file offset")));
         }
@@ -472,7 +494,11 @@ impl FakeQemu {
 
     /// The path of node `node` (the image itself for a holder of one image).
     fn node_path(&self, node: usize) -> PathBuf {
-        self.nodes.get(node).map_or_else(|| self.path.clone(), |n| n.path.clone())
+        match (self.nodes.get(node), node.checked_sub(1).and_then(|i| self.also.get(i))) {
+            (Some(n), _) => n.path.clone(),
+            (None, Some(p)) => p.clone(),
+            (None, None) => self.path.clone(),
+        }
     }
 
     /// Reads the answer to `request` and records `target` as held on success.

@@ -160,7 +160,10 @@ impl Newcomer {
 
     /// Whether a granted run may change the image (these run last, `create` of raw very last).
     pub fn mutates(&self) -> bool {
-        matches!(self.command, Command::Resize | Command::Commit | Command::Create | Command::Check { repair: true })
+        matches!(
+            self.command,
+            Command::Resize | Command::Commit | Command::Create | Command::Check { repair: true }
+        )
     }
 
     /// The row of the [`FrontEnd`] table for the same command (a long-running daemon newcomer

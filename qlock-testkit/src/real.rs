@@ -10,8 +10,8 @@
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -312,7 +312,8 @@ fn spawn_qemu_nbd(
 ) -> Result<Pid> {
     let program = find_program("qemu-nbd", bin_dir)?;
     // The daemon's parent exits at once; as a subreaper this process adopts it instead of PID 1.
-    nix::sys::prctl::set_child_subreaper(true).map_err(|e| Error::io("become a child subreaper")(e.into()))?;
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| Error::io("become a child subreaper")(e.into()))?;
     let (pid_file, err_file) = (dir.join("nbd.pid"), dir.join("nbd.err"));
     // A file, not a pipe: the daemon keeps the descriptor, and a pipe would never see its end.
     let err = std::fs::File::create(&err_file).map_err(Error::io("create qemu-nbd's stderr file"))?;

@@ -201,6 +201,7 @@ fn bad_input_gives_typed_errors_not_panics() {
 fn an_unprivileged_user_gets_permission_denied_and_unknown_holders() {
     let _serial = common::serial();
     if !is_root() {
+        // Not a missing tool: CI may run unprivileged, so this skips there too.
         eprintln!("SKIPPED: needs root to start a helper as user nobody");
         return;
     }

@@ -4,7 +4,7 @@
 use qlock_core::holders::{HeldRange, ImageStatus};
 use qlock_core::{LockKind, LockSet, Perm};
 use qlock_testkit::fixtures::TempImage;
-use qlock_testkit::{FakeQemu, Format, FrontEnd, LockKind, RawLock};
+use qlock_testkit::{FakeQemu, Format, FrontEnd, RawLock};
 use rstest::rstest;
 
 fn status(image: &TempImage) -> ImageStatus {

@@ -53,7 +53,7 @@ const NBD_RAW: Access =
     Access::new(Perm::CONSISTENT_READ.union(Perm::WRITE), Perm::ALL.difference(Perm::RESIZE));
 
 /// The QEMU newcomers these tests run, from qlock-testkit's catalogue (its access is what qlock
-/// takes for the same bytes, spec section 5).
+/// takes for the same bytes, docs/protocol.md §5).
 const NEWCOMERS: &[&str] = &[
     "img info (qcow2)",
     "img info -U (qcow2)",

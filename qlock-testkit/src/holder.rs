@@ -599,14 +599,10 @@ impl FakeQemu {
                 let exit = Request::exit().encode().ok_or_else(too_many)?;
                 // A holder that already died closed its end; wait() reports how it ended.
                 let _ = sock.write_all(&exit);
-                self.wait()
             }
-            Imp::Real(real) => {
-                let status = real.release()?;
-                self.status = Some(status);
-                Ok(status)
-            }
+            Imp::Real(real) => real.quit(),
         }
+        self.wait()
     }
 
     /// Crashes the holder with `SIGKILL`, as a VM killed by the OOM killer, and reaps it; its
@@ -619,17 +615,11 @@ impl FakeQemu {
             return Ok(status);
         }
         match &mut self.imp {
-            Imp::Fake { .. } => {
-                // ESRCH cannot happen before the reap below; anything else shows in wait().
-                let _ = kill(self.pid, Signal::SIGKILL);
-                self.wait()
-            }
-            Imp::Real(real) => {
-                let status = real.kill()?;
-                self.status = Some(status);
-                Ok(status)
-            }
+            // ESRCH cannot happen before the reap in wait(); anything else shows there.
+            Imp::Fake { .. } => drop(kill(self.pid, Signal::SIGKILL)),
+            Imp::Real(real) => real.kill(),
         }
+        self.wait()
     }
 
     /// Waits until the holder exits (after a [`release`](Self::release), or when something

@@ -239,8 +239,8 @@ impl Real {
     }
 
     /// Asks QEMU to quit (`quit` for qemu-io, QMP `quit` for the daemons, `SIGTERM` for
-    /// qemu-nbd) and reaps it.
-    pub(crate) fn release(&mut self) -> Result<ExitStatus> {
+    /// qemu-nbd); [`wait`](Self::wait) reaps it.
+    pub(crate) fn quit(&mut self) {
         match &mut self.proc {
             Proc::Child { stdin, qmp, .. } => {
                 if let Some(mut stdin) = stdin.take() {
@@ -256,16 +256,15 @@ impl Real {
             // ESRCH cannot happen before the reap in wait(); anything else shows there.
             Proc::Adopted(pid) => drop(kill(*pid, Signal::SIGTERM)),
         }
-        self.wait()
     }
 
-    pub(crate) fn kill(&mut self) -> Result<ExitStatus> {
+    /// Sends `SIGKILL`; [`wait`](Self::wait) reaps it.
+    pub(crate) fn kill(&mut self) {
         // Fails only when the process was already reaped, which wait() then reports.
         match &mut self.proc {
             Proc::Child { child, .. } => drop(child.kill()),
             Proc::Adopted(pid) => drop(kill(*pid, Signal::SIGKILL)),
         }
-        self.wait()
     }
 
     pub(crate) fn wait(&mut self) -> Result<ExitStatus> {

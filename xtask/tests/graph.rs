@@ -159,34 +159,31 @@ fn graphs(build: &QemuBuild, root: &Path) -> Vec<Graph> {
 }
 
 /// The holders of the table: a label and the front end run for real on a top image (the NBD
-/// ones as a qemu-storage-daemon export, or as `qemu-nbd` itself).
-const HOLDERS: [(&str, FrontEnd, NbdServer); 12] = [
-    ("qemu-io -f qcow2 top", FrontEnd::QemuIoRw, NbdServer::StorageDaemon),
-    ("qemu-io -r -f qcow2 top", FrontEnd::QemuIoReadOnly, NbdServer::StorageDaemon),
-    ("qemu-io -r -U -f qcow2 top", FrontEnd::QemuIoForceShare, NbdServer::StorageDaemon),
-    ("q-s-d export writable=on", FrontEnd::QemuNbdRw, NbdServer::StorageDaemon),
-    ("q-s-d export writable=off (read-only=on)", FrontEnd::QemuNbdReadOnly, NbdServer::StorageDaemon),
-    ("q-s-d --blockdev, no user", FrontEnd::StorageDaemonBlockdev, NbdServer::StorageDaemon),
-    ("q-s-d --blockdev overlay over top", FrontEnd::BackingFile, NbdServer::StorageDaemon),
-    ("qemu-system -drive (VmDisk)", FrontEnd::VmDisk, NbdServer::StorageDaemon),
-    ("qemu-system -drive share-rw=on", FrontEnd::VmDiskShareRw, NbdServer::StorageDaemon),
-    ("qemu-system -drive readonly=on", FrontEnd::VmDiskReadonly, NbdServer::StorageDaemon),
-    ("qemu-nbd -f qcow2 top", FrontEnd::QemuNbdRw, NbdServer::QemuNbd),
-    ("qemu-nbd -r -f qcow2 top", FrontEnd::QemuNbdReadOnly, NbdServer::QemuNbd),
+/// ones as a qemu-storage-daemon export, or as `qemu-nbd` itself when the label says so).
+const HOLDERS: [(&str, FrontEnd); 12] = [
+    ("qemu-io -f qcow2 top", FrontEnd::QemuIoRw),
+    ("qemu-io -r -f qcow2 top", FrontEnd::QemuIoReadOnly),
+    ("qemu-io -r -U -f qcow2 top", FrontEnd::QemuIoForceShare),
+    ("q-s-d export writable=on", FrontEnd::QemuNbdRw),
+    ("q-s-d export writable=off (read-only=on)", FrontEnd::QemuNbdReadOnly),
+    ("q-s-d --blockdev, no user", FrontEnd::StorageDaemonBlockdev),
+    ("q-s-d --blockdev overlay over top", FrontEnd::BackingFile),
+    ("qemu-system -drive (VmDisk)", FrontEnd::VmDisk),
+    ("qemu-system -drive share-rw=on", FrontEnd::VmDiskShareRw),
+    ("qemu-system -drive readonly=on", FrontEnd::VmDiskReadonly),
+    ("qemu-nbd -f qcow2 top", FrontEnd::QemuNbdRw),
+    ("qemu-nbd -r -f qcow2 top", FrontEnd::QemuNbdReadOnly),
 ];
 
 /// Starts a holder of the table on `top`; `Ok(None)` when this build cannot run it (no
 /// qemu-system).
-fn start(
-    build: &QemuBuild,
-    (_, fe, nbd): (&str, FrontEnd, NbdServer),
-    top: &Path,
-) -> Result<Option<FakeQemu>, String> {
+fn start(build: &QemuBuild, (label, fe): (&str, FrontEnd), top: &Path) -> Result<Option<FakeQemu>, String> {
     if matches!(fe, FrontEnd::VmDisk | FrontEnd::VmDiskShareRw | FrontEnd::VmDiskReadonly)
         && build.system.is_err()
     {
         return Ok(None);
     }
+    let nbd = if label.starts_with("qemu-nbd") { NbdServer::QemuNbd } else { NbdServer::StorageDaemon };
     build
         .holder(top)
         .front_end(fe, Format::Qcow2)

@@ -89,3 +89,39 @@ impl Rng {
         self.0 % n
     }
 }
+
+/// The runtime `R` with the inotify hint switched off, and nothing else changed: every call
+/// goes to `R`, except that the watch is closed (in the pool) instead of registered. The
+/// benchmarks' baseline of the hint's benefit, composed here rather than switched on in the
+/// library. A marker type, never a value.
+#[derive(Debug)]
+pub struct NoHint<R>(std::convert::Infallible, std::marker::PhantomData<R>);
+
+impl<R: crate::Runtime> crate::Runtime for NoHint<R> {
+    type Hint = R::Hint;
+
+    fn asyncify<T, F>(f: F) -> impl std::future::Future<Output = Result<T, qlock_core::Error>> + Send
+    where
+        F: FnOnce() -> Result<T, qlock_core::Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        R::asyncify(f)
+    }
+
+    fn drop_in_pool<T: Send + 'static>(value: T) {
+        R::drop_in_pool(value);
+    }
+
+    fn register(watch: Option<qlock_core::wake::CloseWatch>) -> Self::Hint {
+        watch.map(R::drop_in_pool);
+        R::register(None)
+    }
+
+    fn unregister(hint: Self::Hint) -> Option<qlock_core::wake::CloseWatch> {
+        R::unregister(hint)
+    }
+
+    fn sleep(hint: &Self::Hint, delay: std::time::Duration) -> impl std::future::Future<Output = ()> + Send {
+        R::sleep(hint, delay)
+    }
+}

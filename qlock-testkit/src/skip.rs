@@ -46,7 +46,8 @@ pub fn require(program: &str) -> bool {
 
 /// [`require`] for each of `programs`; true when all are there.
 pub fn require_all(programs: &[&str]) -> bool {
-    programs.iter().fold(true, |all, p| require(p) && all)
+    // Not `all`: every missing program is named, not only the first.
+    programs.iter().filter(|p| !require(p)).count() == 0
 }
 
 /// Returns from the calling test (with `Default::default()`, so `()` or `None`) unless every

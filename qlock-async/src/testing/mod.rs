@@ -113,7 +113,9 @@ impl<R: crate::Runtime> crate::Runtime for NoHint<R> {
     }
 
     fn register(watch: Option<qlock_core::wake::CloseWatch>) -> Self::Hint {
-        watch.map(R::drop_in_pool);
+        if let Some(watch) = watch {
+            R::drop_in_pool(watch);
+        }
         R::register(None)
     }
 

@@ -82,7 +82,7 @@ fn refused_on_locks(out: &Output) -> bool {
 
 #[test]
 fn check_op_answers_as_the_real_qemu_img_does() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     // (holder's file, front end, format, the image the ops are asked on)
     let holders = [
         ("base.qcow2", FrontEnd::QemuIoRw, Format::Qcow2, "top.qcow2"),
@@ -158,7 +158,7 @@ fn check_op_answers_as_the_real_qemu_img_does() {
 
 #[test]
 fn check_op_refuses_force_share_where_qemu_img_does_and_says_no_chain_on_json() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let dir = graph();
     let d = dir.path();
     let out = Command::new(QLOCK)
@@ -206,7 +206,7 @@ fn held(paths: &[PathBuf]) -> Vec<String> {
 
 #[test]
 fn run_chain_write_holds_on_every_node_what_qemu_io_holds() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     for (top, nodes) in [
         ("top.qcow2", &["top.qcow2", "base.qcow2"][..]),
         ("dtop.qcow2", &["dtop.qcow2", "data.raw"]),
@@ -254,7 +254,7 @@ fn run_chain_write_holds_on_every_node_what_qemu_io_holds() {
 
 #[test]
 fn status_chain_names_each_node_and_each_holders_role() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let dir = graph();
     let d = dir.path();
     let qemu = FakeQemu::real(d.join("top.qcow2"), FrontEnd::QemuIoReadOnly, Format::Qcow2).unwrap();

@@ -54,12 +54,19 @@ pub mod front_end;
 #[cfg(feature = "fuse")]
 pub mod fuse;
 pub mod holder;
+mod image;
+pub mod newcomer;
 pub mod raw;
 mod real;
+pub mod reexec;
+mod skip;
 mod wire;
 
 pub use error::{Error, Result};
 pub use front_end::{Format, FrontEnd};
-pub use holder::{ChainNode, FakeQemu, HolderBuilder};
-pub use qlock_core::{Access, Perm};
-pub use raw::{HolderKind, RawLock};
+pub use holder::{ChainNode, FakeQemu, HolderBuilder, NbdServer};
+pub use image::{IMAGE_SIZE, TempImage};
+pub use newcomer::Newcomer;
+pub use qlock_core::{Access, LockKind, Perm};
+pub use raw::RawLock;
+pub use skip::{in_ci, require, require_all, skip};

@@ -3,8 +3,8 @@
 //!
 //! Each async crate's `tests/locks.rs` implements [`Harness`] for its runtime(s) and calls
 //! [`scenario_tests!`](crate::scenario_tests), which defines one `#[test]` per scenario running
-//! it on every harness named, in order, plus the `child_process` test that the child roles
-//! (`probe`, `contend`) run in. The guard under test is
+//! it on every harness named, in order, plus the `child_role` test that the child roles
+//! (`inspect`, `contend`) run in. The guard under test is
 //! [`AsyncImageLock<H::R>`](crate::AsyncImageLock), which is exactly the crate's `ImageLock`. Holders are real processes (a real `qemu-io`, other test processes), and what is
 //! held is checked from yet another process ([`held_from_another_process`]).
 
@@ -18,9 +18,10 @@ use std::time::Duration;
 use qlock_core::{Access, Backoff, Error, ImageStatus, LockOptions, LockSet, Perm};
 use qlock_testkit::{FakeQemu, RawLock};
 
+use qlock_testkit::reexec;
+
 use super::{
-    Rng, child_report, held_from_another_process, holders_from_another_process, image, qemu_io_can_write,
-    qemu_io_rw, spawn_child,
+    Rng, held_from_another_process, holders_from_another_process, image, qemu_io_can_write, qemu_io_rw,
 };
 use crate::{AsyncImageLock, Runtime};
 
@@ -47,15 +48,14 @@ pub trait Harness {
 }
 
 /// Defines the scenarios as `#[test]`s, each running on every harness given, in order, and the
-/// `child_process` test the child roles run in. Invoke it once, at the root of a test file.
+/// `child_role` test the child roles run in. Invoke it once, at the root of a test file.
 #[macro_export]
 macro_rules! scenario_tests {
     ($($h:ty),+ $(,)?) => {
-        /// Child roles run by re-executing this binary (see `qlock_async::testing::spawn_child`).
+        /// Not a test: child roles run by re-executing this binary (`qlock_testkit::reexec`).
         #[test]
-        fn child_process() {
-            let _serial = $crate::testing::serial();
-            $crate::testing::scenarios::child_process(&[$((<$h as $crate::testing::scenarios::Harness>::NAME,
+        fn child_role() {
+            $crate::testing::scenarios::child_role(&[$((<$h as $crate::testing::scenarios::Harness>::NAME,
                 $crate::testing::scenarios::contend_role::<$h> as fn())),+]);
         }
 
@@ -113,18 +113,19 @@ fn quick() -> Backoff {
     Backoff { initial: Duration::from_micros(200), max: Duration::from_millis(5), ..Backoff::default() }
 }
 
-/// The body of `child_process`: runs the role this process was started for, if any; `contend`
-/// runs on the runtime named by `QLOCK_RT` among `runtimes`.
-pub fn child_process(runtimes: &[(&str, fn())]) {
-    match std::env::var(super::ROLE).as_deref() {
-        Ok("probe") => super::probe_role(),
-        Ok("contend") => {
-            let rt = std::env::var("QLOCK_RT").unwrap();
-            let (_, role) = runtimes.iter().find(|(name, _)| *name == rt).expect("unknown QLOCK_RT");
-            role()
+/// The body of `child_role`: runs the role this process was started for, if any: the
+/// testkit's standard ones (`inspect`), and `contend` on the runtime named by `QLOCK_RT` among
+/// `runtimes`.
+pub fn child_role(runtimes: &[(&str, fn())]) {
+    reexec::run_role(|role| {
+        if reexec::standard_role(role) {
+            return;
         }
-        _ => {}
-    }
+        assert_eq!(role, "contend", "unknown role");
+        let rt = std::env::var("QLOCK_RT").unwrap();
+        let (_, contend) = runtimes.iter().find(|(name, _)| *name == rt).expect("unknown QLOCK_RT");
+        contend()
+    });
 }
 
 /// The `contend` role: loops on `write` for one image, checking through the oracle file that it
@@ -158,7 +159,7 @@ pub fn contend_role<H: Harness>() {
         }
         (done, overlaps)
     });
-    println!("QLOCK:done {done} overlaps {overlaps}");
+    reexec::say(&format!("done {done} overlaps {overlaps}"));
 }
 
 /// Conflicts name a real `qemu-io`; a force-share reader cannot upgrade while it writes, and
@@ -510,11 +511,11 @@ pub fn contending_processes_never_overlap_and_all_finish(runtimes: &[&str]) {
                 ("QLOCK_ORACLE", oracle.display().to_string()),
                 ("QLOCK_ITERS", ITERS.to_string()),
             ];
-            spawn_child("contend", &env)
+            reexec::Child::spawn("contend", &env)
         })
         .collect();
     for child in children {
-        assert_eq!(child_report(child), [format!("done {ITERS} overlaps 0")]);
+        assert_eq!(child.finish(), [format!("done {ITERS} overlaps 0")]);
     }
     assert!(held_from_another_process(&path).0.is_empty());
 }

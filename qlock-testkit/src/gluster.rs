@@ -192,11 +192,21 @@ impl GlusterBed {
     /// not root, no `/dev/fuse`, no network namespaces, GlusterFS not installed. Otherwise the
     /// step that failed; whatever was built is torn down before returning.
     pub fn start() -> Result<GlusterBed> {
+        GlusterBed::start_with(&[])
+    }
+
+    /// As [`GlusterBed::start`], with `gluster volume set VOLUME KEY VALUE` for each option
+    /// before the volume starts, so the clients mount with them (e.g. `client.strict-locks on`,
+    /// `server.keepalive-time 2`).
+    ///
+    /// # Errors
+    /// As [`GlusterBed::start`]; an unknown option or value fails the start.
+    pub fn start_with(options: &[(&str, &str)]) -> Result<GlusterBed> {
         preflight()?;
         let (id, dir) = fresh_dir()?;
         let mut bed = GlusterBed::for_id(&id, dir);
         // From here on a failure drops `bed`, which tears down what exists.
-        bed.build()?;
+        bed.build(options)?;
         Ok(bed)
     }
 
@@ -206,7 +216,15 @@ impl GlusterBed {
     /// # Panics
     /// When the bed cannot be built for another reason, or cannot be had under `CI=true`.
     pub fn start_or_skip() -> Option<GlusterBed> {
-        match GlusterBed::start() {
+        GlusterBed::start_or_skip_with(&[])
+    }
+
+    /// As [`GlusterBed::start_with`], skipping as [`GlusterBed::start_or_skip`] does.
+    ///
+    /// # Panics
+    /// As [`GlusterBed::start_or_skip`].
+    pub fn start_or_skip_with(options: &[(&str, &str)]) -> Option<GlusterBed> {
+        match GlusterBed::start_with(options) {
             Ok(bed) => Some(bed),
             Err(e) if e.is_skip() && std::env::var("CI").as_deref() != Ok("true") => {
                 eprintln!("skipped: {e}");
@@ -242,7 +260,7 @@ impl GlusterBed {
         }
     }
 
-    fn build(&mut self) -> Result<()> {
+    fn build(&mut self, options: &[(&str, &str)]) -> Result<()> {
         for sub in ["wd", "run", "log", "brick", "mnt-a", "mnt-b"] {
             fs::create_dir_all(self.dir.join(sub)).map_err(Error::io("creating the bed's directories"))?;
         }
@@ -250,6 +268,9 @@ impl GlusterBed {
         self.glusterd()?;
         let brick = format!("{BRICK_ADDR}:{}", self.dir.join("brick/b").display());
         self.gluster(&["volume", "create", &self.volume, &brick, "force"])?;
+        for (key, value) in options {
+            self.gluster(&["volume", "set", &self.volume, key, value])?;
+        }
         self.gluster(&["volume", "start", &self.volume])?;
         self.record_brick_socket();
         for host in &self.hosts {

@@ -6,13 +6,18 @@
 
 use qlock_testkit::gluster::GlusterBed;
 
-/// Starts a bed, prints its mounts and id, and leaves it running.
+/// Starts a bed with volume `options` (`KEY=VALUE`), prints its mounts and id, and leaves it
+/// running.
 ///
 /// # Errors
-/// Why the bed could not be built (nothing is left behind then).
-pub fn up() -> Result<(), String> {
+/// A malformed option, or why the bed could not be built (nothing is left behind then).
+pub fn up(options: &[String]) -> Result<(), String> {
+    let options = options
+        .iter()
+        .map(|o| o.split_once('=').ok_or_else(|| format!("--set {o}: expected KEY=VALUE")))
+        .collect::<Result<Vec<_>, _>>()?;
     let started = std::time::Instant::now();
-    let bed = GlusterBed::start().map_err(|e| e.to_string())?;
+    let bed = GlusterBed::start_with(&options).map_err(|e| e.to_string())?;
     println!("gluster: bed {} up in {:.1}s", bed.id(), started.elapsed().as_secs_f64());
     print!("{}", describe(&bed));
     let id = bed.keep();

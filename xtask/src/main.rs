@@ -46,7 +46,11 @@ enum Task {
 #[derive(Subcommand)]
 enum GlusterAction {
     /// Start a bed and leave it running; prints its mounts and id.
-    Up,
+    Up {
+        /// `gluster volume set` before the volume starts, e.g. client.strict-locks=on; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        options: Vec<String>,
+    },
     /// Tear down these beds (default: every bed found).
     Down { ids: Vec<String> },
     /// List the beds and what they have mounted and running.
@@ -83,7 +87,7 @@ fn main() -> ExitCode {
         Task::Compat(args) => compat_main(&args),
         Task::Bench { strict, args } => xtask::bench::run(&args, strict),
         Task::Gluster { action } => match action {
-            GlusterAction::Up => xtask::gluster::up(),
+            GlusterAction::Up { options } => xtask::gluster::up(&options),
             GlusterAction::Down { ids } => xtask::gluster::down(&ids),
             GlusterAction::Status => {
                 xtask::gluster::status();

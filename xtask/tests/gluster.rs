@@ -374,7 +374,7 @@ fn partition_and_heal(bed: &GlusterBed, free_within: Duration) -> (Duration, Str
                 panic!("host A's locks still held on the brick {free_within:?} after the partition")
             });
     eprintln!("partition: host A's locks gone on host B after {freed:?}");
-    assert!(qemu_a.child.try_wait().unwrap().is_none(), "host A's QEMU must still run");
+    assert!(qemu_a.is_running(), "host A's QEMU must still run");
     // Host B's QEMU can now open the image read-write while host A's still has it open.
     let out = Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0xbb 64k 4k"])

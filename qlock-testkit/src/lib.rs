@@ -42,7 +42,8 @@
 //!
 //! Modules: [`front_end`] (the spec's table), [`raw`] (lock sets and change plans),
 //! [`holder`] (the handle), `fixtures` (rstest fixtures, the default feature `fixtures`),
-//! `fuse` (a real FUSE filesystem whose locks fail, feature `fuse`), [`error`].
+//! `fuse` (a real FUSE filesystem whose locks fail, feature `fuse`), `gluster` (a real
+//! two-host GlusterFS bed, feature `gluster`), [`error`].
 //!
 //! See README.md for the downstream testing guide.
 
@@ -53,6 +54,8 @@ mod fork;
 pub mod front_end;
 #[cfg(feature = "fuse")]
 pub mod fuse;
+#[cfg(feature = "gluster")]
+pub mod gluster;
 pub mod holder;
 mod image;
 pub mod newcomer;

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 use async_io::Timer;
 use qlock_async::{AsyncImageLock, Runtime};
 use qlock_async_std::AsyncStd;
-use qlock_core::CloseWatch;
-use qlock_core::{Access, Backoff, Error, LockOptions};
+use qlock_core::{Access, Backoff, LockOptions};
 use qlock_testkit::FakeQemu;
 
 /// Rounds per measurement; the best round counts (the least disturbed by the machine).
@@ -174,42 +173,8 @@ fn guard_ops(rt: &str, block_on: BlockOn, dir: &Path) {
     println!("ratio {rt} failing retry vs sync: {:.2}x (goal <= 1.5)", ratio(async_retry, sync_retry));
 }
 
-/// qlock-async-std's runtime with the inotify hint switched off, and nothing else changed:
-/// every call goes to [`AsyncStd`], except that the watch is closed (in the pool) instead of
-/// registered. The baseline of the hint's benefit, composed here rather than switched on in
-/// the library.
-enum NoHint {}
-
-impl Runtime for NoHint {
-    type Hint = <AsyncStd as Runtime>::Hint;
-
-    fn asyncify<T, F>(f: F) -> impl Future<Output = Result<T, Error>> + Send
-    where
-        F: FnOnce() -> Result<T, Error> + Send + 'static,
-        T: Send + 'static,
-    {
-        AsyncStd::asyncify(f)
-    }
-
-    fn drop_in_pool<T: Send + 'static>(value: T) {
-        AsyncStd::drop_in_pool(value);
-    }
-
-    fn register(watch: Option<CloseWatch>) -> Self::Hint {
-        if let Some(watch) = watch {
-            AsyncStd::drop_in_pool(watch);
-        }
-        AsyncStd::register(None)
-    }
-
-    fn unregister(hint: Self::Hint) -> Option<CloseWatch> {
-        AsyncStd::unregister(hint)
-    }
-
-    fn sleep(hint: &Self::Hint, delay: Duration) -> impl Future<Output = ()> + Send {
-        AsyncStd::sleep(hint, delay)
-    }
-}
+/// The baseline of the hint's benefit: the same runtime without it.
+type NoHint = qlock_async::testing::NoHint<AsyncStd>;
 
 /// Waits for `write` on `path` with `policy`; returns when it got in.
 async fn acquired_at<R: Runtime>(path: PathBuf, policy: Backoff) -> (Instant, AsyncImageLock<R>) {

@@ -94,3 +94,8 @@ pub use status::inspect;
 /// running on the `blocking` pool and `async-io`. Dropping it releases every lock without
 /// blocking the executor (see the [crate docs](crate#dropping-a-guard)).
 pub type ImageLock = qlock_async::AsyncImageLock<AsyncStd>;
+
+/// A whole image graph (backing files, external data files) locked as QEMU locks it, all
+/// nodes or none: [`qlock_async::AsyncChainLock`] on this runtime. One pool round trip per
+/// attempt; a dropped acquire or wait leaks no lock on any node.
+pub type ChainLock = qlock_async::AsyncChainLock<AsyncStd>;

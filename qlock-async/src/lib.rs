@@ -78,6 +78,7 @@
 //! scenarios every runtime crate's tests run.
 #![forbid(unsafe_code)]
 
+mod chain;
 mod guard;
 mod inspect;
 mod lend;
@@ -85,6 +86,7 @@ mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use chain::AsyncChainLock;
 pub use guard::AsyncImageLock;
 pub use inspect::inspect;
 pub use runtime::Runtime;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use qlock_core::graph::Format;
+use qlock_core::graph::op::Op;
 use qlock_core::{Access, Backoff, LockOptions, Locking, Perm};
 
 /// Take, respect and inspect QEMU's disk-image locks.
@@ -28,7 +30,9 @@ pub(crate) enum Command {
     Status(StatusArgs),
     /// Exit 0 if ACCESS could be acquired now, 1 on a conflict, 2 on any other error.
     /// Leaves nothing locked. With --timeout, wait up to that long for it to become free.
-    Check(HoldArgs),
+    /// With --op NAME, answer what `qemu-img NAME IMAGE` would be told about locks on IMAGE's
+    /// whole graph: 0 when it would get past locking, 1 with qemu-img's message.
+    Check(CheckArgs),
     /// Wait until ACCESS could be taken on every image, then exit 0 (1 on timeout).
     Wait(HoldArgs),
     /// Take ACCESS on every image (all or nothing), run CMD, and exit with its status.
@@ -53,6 +57,28 @@ pub(crate) struct StatusArgs {
     /// Print JSON (schema in the README) instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Show every node of each image's graph (backing files, data files) with its role, its
+    /// bytes and holders, and what each node is to each holder.
+    #[arg(long)]
+    pub(crate) chain: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    #[command(flatten)]
+    pub(crate) hold: HoldArgs,
+    /// A qemu-img subcommand: info, check, compare, map, amend, commit, resize, rebase,
+    /// snapshot, convert, dd, bench, bench-write, create (IMAGE is the image it opens: the
+    /// source of convert and dd, the file create makes). Implies the whole graph.
+    #[arg(long, value_name = "NAME", value_parser = op, group = "what",
+          conflicts_with_all = ["access", "perm", "share", "timeout", "chain", "no_chain"])]
+    pub(crate) op: Option<Op>,
+    /// With --op: qemu-img's -U (force share).
+    #[arg(short = 'U', long = "force-share", requires = "op")]
+    pub(crate) force_share: bool,
+    /// With --op create: the format created (qemu-img's -f; default raw, as qemu-img's).
+    #[arg(short = 'f', long, value_name = "FMT", value_parser = format, requires = "op")]
+    pub(crate) format: Option<Format>,
 }
 
 #[derive(Debug, Args)]
@@ -67,6 +93,13 @@ pub(crate) struct HoldArgs {
     /// Wait up to SECS for the access (implies waiting, like flock -w).
     #[arg(long, value_name = "SECS", value_parser = timeout, allow_negative_numbers = true)]
     pub(crate) timeout: Option<Duration>,
+    /// Lock each image's whole graph (backing files, external data file) as the qemu-io
+    /// front end the preset is named after locks it (see the README).
+    #[arg(long, overrides_with = "no_chain")]
+    pub(crate) chain: bool,
+    /// Lock the named files alone (the default).
+    #[arg(long, overrides_with = "chain")]
+    pub(crate) no_chain: bool,
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +186,18 @@ fn perm_list(s: &str) -> Result<Perm, String> {
         return Err("empty list: name permissions (consistent-read, write, ...), all, or none".into());
     }
     Perm::parse_list(s)
+}
+
+fn op(s: &str) -> Result<Op, String> {
+    s.parse()
+}
+
+fn format(s: &str) -> Result<Format, String> {
+    match s.trim() {
+        "qcow2" => Ok(Format::Qcow2),
+        "raw" => Ok(Format::Raw),
+        other => Err(format!("unknown format {other:?}: qlock follows qcow2 and raw")),
+    }
 }
 
 fn locking(s: &str) -> Result<Locking, String> {

@@ -14,7 +14,7 @@ use crate::{Failure, Outcome, say, sys};
 /// `qlock check`: could the access be taken now (or, with `--timeout`, within that time)?
 /// Leaves nothing locked.
 pub(crate) fn check(args: &HoldArgs, out: &mut impl Write) -> Result<Outcome, Failure> {
-    let locks = take(args, args.waiting(false)).map_err(Failure::lock)?;
+    let locks = take_for(args, args.waiting(false), crate::EXIT_CONFLICT)?;
     release_all(locks).map_err(Failure::lock)?;
     let access = args.access.access();
     for image in &args.images {
@@ -25,9 +25,22 @@ pub(crate) fn check(args: &HoldArgs, out: &mut impl Write) -> Result<Outcome, Fa
 
 /// `qlock wait`: return once the access could be taken.
 pub(crate) fn wait(args: &HoldArgs) -> Result<Outcome, Failure> {
-    let locks = take(args, args.waiting(true)).map_err(Failure::lock)?;
+    let locks = take_for(args, args.waiting(true), crate::EXIT_CONFLICT)?;
     release_all(locks).map_err(Failure::lock)?;
     Ok(Outcome::Success)
+}
+
+/// [`take`], or with `--chain` every image's whole graph ([`crate::chain::take`]); a conflict
+/// exits with `conflict`.
+pub(crate) fn take_for(
+    args: &HoldArgs,
+    waiting: Option<Backoff>,
+    conflict: u8,
+) -> Result<Vec<ImageLock>, Failure> {
+    if args.chain {
+        return crate::chain::take(args, waiting, conflict);
+    }
+    take(args, waiting).map_err(|error| Failure::Lock { error, conflict })
 }
 
 /// Opens every image (each file once, however many names it was given by), then takes the

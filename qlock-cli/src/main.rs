@@ -5,7 +5,10 @@
 //! qlock check IMAGE --access PRESET         exit 0 if free now, 1 on conflict, 2 on error
 //! qlock run IMAGE... --access PRESET -- CMD hold the locks while CMD runs (like flock(1))
 //! qlock wait IMAGE --access PRESET          return once the access could be taken
+//! qlock check IMAGE --op NAME [-U]          would `qemu-img NAME IMAGE` get past locking?
 //! ```
+//!
+//! `--chain` (run, check, wait, status) takes or shows each image's whole graph ([`chain`]).
 //!
 //! The shape is ripgrep's: `main` parses the command line once ([`cli`]), [`try_main`] runs a
 //! subcommand to an [`Outcome`] or a [`Failure`], and [`exit`] alone prints the failure and
@@ -16,6 +19,7 @@
 //! killed by SIGPIPE as `cat` would be, unless qlock was started with SIGPIPE ignored, in which
 //! case it is a write error like any other.
 
+mod chain;
 mod cli;
 mod hold;
 mod images;
@@ -34,9 +38,9 @@ use qlock_core::Error;
 use qlock_core::strerror;
 
 /// Exit status for a conflict with another holder (or a wait that timed out).
-const EXIT_CONFLICT: u8 = 1;
+pub(crate) const EXIT_CONFLICT: u8 = 1;
 /// Exit status for any other error.
-const EXIT_ERROR: u8 = 2;
+pub(crate) const EXIT_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {
@@ -81,6 +85,8 @@ pub(crate) enum Failure {
     Spawn { program: OsString, error: io::Error },
     /// Anything else, already phrased: exit 2.
     Other(String),
+    /// Already phrased, with its exit status (the chain's and `check --op`'s refusals).
+    Said { text: String, code: u8 },
 }
 
 impl Failure {
@@ -94,8 +100,12 @@ impl Failure {
 fn try_main(args: cli::Cli) -> Result<Outcome, Failure> {
     let mut out = io::stdout().lock();
     let outcome = match args.command {
+        cli::Command::Status(a) if a.chain => chain::status(&a, &mut out)?,
         cli::Command::Status(a) => status::main(&a, &mut out)?,
-        cli::Command::Check(a) => hold::check(&a, &mut out)?,
+        cli::Command::Check(a) => match a.op {
+            Some(op) => chain::check_op(&a, op, &mut out)?,
+            None => hold::check(&a.hold, &mut out)?,
+        },
         cli::Command::Wait(a) => hold::wait(&a)?,
         cli::Command::Run(a) => run::main(&a)?,
     };
@@ -132,6 +142,10 @@ fn exit(result: Result<Outcome, Failure>) -> ExitCode {
         Err(Failure::Other(text)) => {
             say(&text);
             EXIT_ERROR
+        }
+        Err(Failure::Said { text, code }) => {
+            say(&text);
+            code
         }
     };
     ExitCode::from(code)

@@ -34,7 +34,7 @@ use nix::unistd::Pid;
 use qlock_core::{ImageLock, LockKind};
 
 use crate::cli::RunArgs;
-use crate::hold::{release_all_quietly, take};
+use crate::hold::{release_all_quietly, take_for};
 use crate::{Failure, Outcome, sys};
 
 /// Signals passed on to the command.
@@ -42,8 +42,7 @@ const FORWARDED: [Signal; 4] = [Signal::SIGTERM, Signal::SIGHUP, Signal::SIGINT,
 
 /// Takes the locks, runs the command, releases when it exits and passes its status through.
 pub(crate) fn main(args: &RunArgs) -> Result<Outcome, Failure> {
-    let locks = take(&args.hold, args.hold.waiting(args.wait))
-        .map_err(|error| Failure::Lock { error, conflict: args.conflict_exit_code })?;
+    let locks = take_for(&args.hold, args.hold.waiting(args.wait), args.conflict_exit_code)?;
     let plan = Plan::new(&locks, args.close);
     let inherit: Vec<BorrowedFd<'_>> =
         if plan.inherit { locks.iter().map(AsFd::as_fd).collect() } else { Vec::new() };

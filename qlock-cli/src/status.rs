@@ -52,7 +52,7 @@ pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, F
     Ok(if results.iter().any(Result::is_err) { Outcome::SomeFailed } else { Outcome::Success })
 }
 
-fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) -> std::io::Result<()> {
+pub(crate) fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) -> std::io::Result<()> {
     let mut row = |k: &str, v: &str| writeln!(out, "{k:<14}{v}");
     row("image", &name.display().to_string())?;
     if s.lock_kind.is_none() {
@@ -117,7 +117,7 @@ fn verdict_json(v: &Verdict) -> Value {
     json!({ "free": *v == Verdict::Granted, "message": v.message(), "byte": byte })
 }
 
-fn to_json(s: &ImageStatus, name: &Path) -> Value {
+pub(crate) fn to_json(s: &ImageStatus, name: &Path) -> Value {
     let held = s.others.held;
     json!({
         "path": name.display().to_string(),

@@ -19,7 +19,7 @@ fn qemu_message(o: &Output) -> String {
 
 #[test]
 fn check_agrees_with_qemu_io_against_a_real_qemu_holder() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let img = qcow2();
     let _vm = real(&img, FrontEnd::QemuIoRw);
     // (preset, the qemu-io newcomer with the same access)
@@ -55,7 +55,7 @@ fn check_reports_bad_input_with_exit_2() {
 
 #[test]
 fn run_holds_the_locks_for_the_command_only_and_passes_its_status() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let img = qcow2();
     // Inside CMD, a QEMU writer must be refused, and the holder must be qlock, not CMD.
     let script = r#"qemu-io -f qcow2 -c quit "$1" 2>&1; echo "child=$$"; exit 7"#;
@@ -101,7 +101,7 @@ fn run_close_does_not_leak_the_locks_into_the_command() {
 
 #[test]
 fn run_is_all_or_nothing_over_several_images() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let free = qcow2();
     let busy = qcow2();
     let _vm = real(&busy, FrontEnd::QemuIoRw);
@@ -120,7 +120,7 @@ fn run_is_all_or_nothing_over_several_images() {
 
 #[test]
 fn wait_times_out_naming_the_holder_then_gets_in_when_it_exits() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let img = qcow2();
     let vm = real(&img, FrontEnd::QemuIoRw);
     let o = qlock(&["wait", "--access", "read", "--timeout", "0.2"], img.path());
@@ -146,7 +146,7 @@ fn wait_times_out_naming_the_holder_then_gets_in_when_it_exits() {
 
 #[test]
 fn status_json_describes_holders_and_presets() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let img = raw();
     let _writer = real(&img, FrontEnd::QemuIoRw); // raw rw: 100 101, shares everything
     let o = qlock(&["status", "--json"], img.path());

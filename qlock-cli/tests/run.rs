@@ -113,7 +113,7 @@ fn ctrl_c_on_a_terminal_interrupts_the_command() {
 
 #[test]
 fn a_killed_qlock_leaves_the_locks_with_the_command_until_it_exits() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let img = raw();
     let (mut qlock_run, lines) =
         run_script(img.path(), &["--access", "write"], "echo ready; read line; echo bye");

@@ -65,7 +65,7 @@ fn an_image_named_twice_is_taken_once() {
 
 #[test]
 fn status_names_the_holder_under_every_name() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let img = qcow2();
     let _vm = real(&img, FrontEnd::QemuIoRw);
     for (how, names) in spellings(img.path()) {
@@ -129,7 +129,7 @@ fn a_closed_pipe_ends_quietly_as_for_other_unix_tools() {
 
 #[test]
 fn timeout_implies_waiting_in_check_and_run() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let img = qcow2();
     let vm = real(&img, FrontEnd::QemuIoRw);
     let o = qlock(&["check", "--access", "read", "--timeout", "0.2"], img.path());
@@ -210,7 +210,7 @@ fn errors_name_the_path_once_in_every_subcommand() {
 
 #[test]
 fn the_waiting_line_fits_the_terminal() {
-    need_qemu!();
+    qlock_testkit::require!("qemu-io", "qemu-img");
     let img = qcow2();
     let vm = real(&img, FrontEnd::QemuIoRw);
     let size = nix::pty::Winsize { ws_row: 24, ws_col: 60, ws_xpixel: 0, ws_ypixel: 0 };

@@ -18,6 +18,7 @@
 //! Nothing is ever written: every node is opened read-only with `O_CLOEXEC`.
 
 mod lock;
+pub mod op;
 pub mod qcow2;
 pub mod rules;
 
@@ -253,6 +254,19 @@ impl Chain {
         let open = |p: &Path| ImageLock::open(p, &opts);
         let top = open(path.as_ref()).map_err(|e| ChainError::Open(Box::new(e)))?;
         Chain::discover(top, None, open)
+    }
+
+    /// Opens `path` alone, as a chain of one node (its format probed): what `qemu-img info`
+    /// opens, which follows no backing file and no data file.
+    ///
+    /// # Errors
+    /// [`ChainError`]: the top cannot be opened, its header is corrupt, or its format is not
+    /// one qlock follows.
+    pub fn open_top(path: impl AsRef<Path>, options: &LockOptions) -> Result<Chain, ChainError> {
+        let opts = options.clone().with_write(false);
+        let top = ImageLock::open(path.as_ref(), &opts).map_err(|e| ChainError::Open(Box::new(e)))?;
+        let (format, header) = read_format(&top, None)?;
+        Ok(Chain { nodes: vec![Node { image: top, role: Role::Top, format, header }] })
     }
 
     /// Discovers the graph below `top`, reading each header through the node's own

@@ -1,9 +1,10 @@
 //! Holders in other processes, killed holders, several guards in one process, bad input,
 //! inspection through `/proc`, foreign locks, the POSIX fallback and the descriptor's flags.
 //!
-//! Holder processes are this test binary re-executed (`--exact child_role`) with a role in the
-//! environment; they print `READY` once their locks are taken and exit when their stdin closes,
-//! so no test sleeps to synchronise.
+//! Holder processes are qlock-testkit fakes (forked, answering once their locks are taken);
+//! processes that must run qlock itself (inspecting from outside, as another user) are this
+//! test binary re-executed as a role (`qlock_testkit::reexec`), which prints `READY` once done
+//! and exits when its stdin closes, so no test sleeps to synchronise.
 
 mod common;
 
@@ -26,11 +27,14 @@ use qlock_testkit::{FakeQemu, RawLock};
 #[test]
 fn child_role() {
     common::run_role(|role| {
-        let paths: Vec<PathBuf> =
-            std::env::var("QLOCK_PATHS").unwrap_or_default().lines().map(PathBuf::from).collect();
-        if common::standard_role(role, &paths) {
+        if qlock_testkit::reexec::standard_role(role) {
             return;
         }
+        let paths: Vec<PathBuf> = std::env::var(qlock_testkit::reexec::PATHS)
+            .unwrap_or_default()
+            .lines()
+            .map(PathBuf::from)
+            .collect();
         match role {
             // Runs as an unprivileged user: reports what it sees, one line each.
             "unprivileged" => {
@@ -53,18 +57,16 @@ fn is_root() -> bool {
     fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// `/proc/PID/comm` of a re-executed test binary: its file name, cut to 15 bytes by the kernel.
+/// `/proc/PID/comm` of a qlock-testkit fake holder.
 fn helper_comm() -> String {
-    let exe = std::env::current_exe().unwrap();
-    let name = exe.file_name().unwrap().to_string_lossy().into_owned();
-    name.chars().take(15).collect()
+    "qemu-fake".to_string()
 }
 
 #[test]
 fn a_holder_in_another_process_is_refused_and_named() {
     let _serial = common::serial();
     let (_dir, path) = image();
-    let helper = hold(&[&path], Access::WRITE);
+    let mut helper = hold(&[&path], Access::WRITE);
 
     let err = ImageLock::acquire(&path, Access::READ).unwrap_err();
     let c = err.conflict().expect("conflict");
@@ -89,7 +91,7 @@ fn a_holder_in_another_process_is_refused_and_named() {
         let others = Others { held: set(Access::WRITE), write_locked: LockSet::EMPTY };
         assert_eq!(*verdict, decide(others, LockSet::EMPTY, set(access)), "{name}");
     }
-    helper.finish();
+    assert!(helper.release().unwrap().success());
     assert!(held_from_outside(&path).is_empty(), "a holder that exits releases everything");
     drop(ImageLock::acquire(&path, Access::WRITE).expect("free again"));
 }
@@ -117,8 +119,7 @@ fn a_sigkilled_holder_leaves_nothing_and_a_waiter_gets_in() {
         ImageLock::acquire_wait(&waiter_path, Access::READ, &LockOptions::default(), &backoff)
     });
     assert!(rx.recv().unwrap(), "the waiter was refused while the holder lived");
-    helper.child.kill().expect("SIGKILL");
-    let status = helper.child.wait().expect("reap");
+    let status = helper.kill().expect("SIGKILL and reap");
     assert!(!status.success());
     let guard = waiter.join().unwrap().expect("the waiter gets in once the holder is gone");
 
@@ -201,6 +202,7 @@ fn bad_input_gives_typed_errors_not_panics() {
 fn an_unprivileged_user_gets_permission_denied_and_unknown_holders() {
     let _serial = common::serial();
     if !is_root() {
+        // Not a missing tool: CI may run unprivileged, so this skips there too.
         eprintln!("SKIPPED: needs root to start a helper as user nobody");
         return;
     }
@@ -216,7 +218,7 @@ fn an_unprivileged_user_gets_permission_denied_and_unknown_holders() {
 
     let helper = Helper::start_as("unprivileged", &[paths_env(&[&denied, &held])], Some(65534));
     assert_eq!(
-        helper.lines,
+        helper.lines(),
         vec!["denied: true", "held: 100 101 103 | 201 203", "holders: 0", "unidentified: true"]
     );
     helper.finish();
@@ -228,8 +230,8 @@ fn inspect_names_the_holders_of_many_images_in_one_call() {
     let dir = tempfile::tempdir().unwrap();
     let p: Vec<PathBuf> = (0..4).map(|i| dir.path().join(format!("{i}.img"))).collect();
     p.iter().for_each(|p| fs::write(p, b"").unwrap());
-    let a = hold(&[&p[0], &p[1]], Access::WRITE);
-    let b = hold(&[&p[1], &p[2]], Access::FORCE_SHARE);
+    let mut a = hold(&[&p[0], &p[1]], Access::WRITE);
+    let mut b = hold(&[&p[1], &p[2]], Access::FORCE_SHARE);
     let out: Vec<_> = inspect(&p).into_iter().map(Result::unwrap).collect();
     let pids = |i: usize| {
         let mut v: Vec<u32> = out[i].holders.iter().map(|h| h.pid).collect();
@@ -250,8 +252,8 @@ fn inspect_names_the_holders_of_many_images_in_one_call() {
         out[2].verdict(exclusive),
         Verdict::Conflict(Check { perm: Perm::CONSISTENT_READ, shared: true })
     );
-    a.finish();
-    b.finish();
+    assert!(a.release().unwrap().success());
+    assert!(b.release().unwrap().success());
 }
 
 #[test]
@@ -308,7 +310,7 @@ fn the_posix_fallback_interoperates_with_an_ofd_holder_in_another_process() {
     let _serial = common::serial();
     let (_dir, path) = image();
     let posix = LockOptions::default().with_force_posix(true).with_locking(Locking::On);
-    let helper = hold(&[&path], Access::WRITE);
+    let mut helper = hold(&[&path], Access::WRITE);
     let err = ImageLock::acquire_with(&path, Access::READ, &posix).unwrap_err();
     assert_eq!(err.conflict().unwrap().qemu_message(), "Failed to get shared \"write\" lock");
     assert_eq!(err.conflict().unwrap().holders[0].pid, helper.pid());
@@ -319,19 +321,19 @@ fn the_posix_fallback_interoperates_with_an_ofd_holder_in_another_process() {
     let seen = Helper::start("inspect", &[paths_env(&[&path])]);
     let me = std::process::id();
     assert!(
-        seen.lines.contains(&format!("holder: {me} Posix {}", set(Access::FORCE_SHARE))),
+        seen.lines().contains(&format!("holder: {me} Posix {}", set(Access::FORCE_SHARE))),
         "{:?}",
-        seen.lines
+        seen.lines()
     );
     seen.finish();
-    helper.finish();
+    assert!(helper.release().unwrap().success());
 
     // And the other way round: our POSIX locks are seen by OFD probes in another process.
     drop(guard);
     let _posix_writer = ImageLock::acquire_with(&path, Access::WRITE, &posix).unwrap();
     let seen = Helper::start("inspect", &[paths_env(&[&path])]);
     assert_eq!(
-        seen.lines,
+        seen.lines(),
         vec![format!("held: {}", set(Access::WRITE)), format!("holder: {me} Posix {}", set(Access::WRITE))]
     );
     seen.finish();

@@ -18,7 +18,8 @@ use qlock_core::Others;
 use qlock_core::inspect;
 use qlock_core::plan::decide;
 use qlock_core::{Access, ImageLock, LockOptions, LockSet, Perm, Verdict};
-use qlock_testkit::{FakeQemu, Format, FrontEnd, RawLock};
+use qlock_testkit::newcomer::{self, Newcomer};
+use qlock_testkit::{FakeQemu, Format, FrontEnd, NbdServer, RawLock};
 
 /// A qcow2 and a raw image of 1 MiB in a fresh directory.
 struct Images {
@@ -45,96 +46,44 @@ impl Images {
 }
 
 fn qemu_present() -> bool {
-    have("qemu-img") && have("qemu-io") && have("qemu-nbd")
+    qlock_testkit::require_all(&["qemu-img", "qemu-io", "qemu-nbd"])
 }
 
-/// A QEMU front end opening an image, and the access qlock takes for the same bytes (spec
-/// section 5).
-struct Newcomer {
-    name: &'static str,
-    /// Arguments; `{}` is replaced by the image path, `{out}` by a scratch output path.
-    args: &'static [&'static str],
-    raw: bool,
-    access: Access,
-}
-
-const RAW_RESIZE: Access =
-    Access::new(Perm::CONSISTENT_READ.union(Perm::WRITE).union(Perm::RESIZE), Perm::ALL);
 /// `qemu-nbd` read-write on raw: an NBD export never shares resize (`100 101 | 203`).
 const NBD_RAW: Access =
     Access::new(Perm::CONSISTENT_READ.union(Perm::WRITE), Perm::ALL.difference(Perm::RESIZE));
 
-const NEWCOMERS: &[Newcomer] = &[
-    Newcomer {
-        name: "qemu-img info",
-        args: &["qemu-img", "info", "-f", "qcow2", "{}"],
-        raw: false,
-        access: Access::INFO,
-    },
-    Newcomer {
-        name: "qemu-img info -U",
-        args: &["qemu-img", "info", "-U", "-f", "qcow2", "{}"],
-        raw: false,
-        access: Access::NONE,
-    },
-    Newcomer {
-        name: "qemu-io -r",
-        args: &["qemu-io", "-r", "-f", "qcow2", "-c", "quit", "{}"],
-        raw: false,
-        access: Access::READ,
-    },
-    Newcomer {
-        name: "qemu-io -r -U",
-        args: &["qemu-io", "-r", "-U", "-f", "qcow2", "-c", "quit", "{}"],
-        raw: false,
-        access: Access::FORCE_SHARE,
-    },
-    Newcomer {
-        name: "qemu-io",
-        args: &["qemu-io", "-f", "qcow2", "-c", "quit", "{}"],
-        raw: false,
-        access: Access::WRITE,
-    },
-    Newcomer {
-        name: "qemu-img check -r all",
-        args: &["qemu-img", "check", "-q", "-r", "all", "-f", "qcow2", "{}"],
-        raw: false,
-        access: Access::WRITE,
-    },
-    Newcomer {
-        name: "qemu-io -f raw",
-        args: &["qemu-io", "-f", "raw", "-c", "quit", "{}"],
-        raw: true,
-        access: Access::WRITE_SHARED,
-    },
-    Newcomer {
-        name: "qemu-io -r -f raw",
-        args: &["qemu-io", "-r", "-f", "raw", "-c", "quit", "{}"],
-        raw: true,
-        access: Access::FORCE_SHARE,
-    },
-    Newcomer {
-        name: "qemu-img info -f raw",
-        args: &["qemu-img", "info", "-f", "raw", "{}"],
-        raw: true,
-        access: Access::NONE,
-    },
-    Newcomer {
-        name: "qemu-img resize -f raw",
-        args: &["qemu-img", "resize", "-q", "-f", "raw", "{}", "1M"],
-        raw: true,
-        access: RAW_RESIZE,
-    },
-    Newcomer {
-        name: "qemu-img convert -f raw",
-        args: &["qemu-img", "convert", "-f", "raw", "-O", "raw", "{}", "{out}"],
-        raw: true,
-        access: Access::READ,
-    },
+/// The QEMU newcomers these tests run, from qlock-testkit's catalogue (its access is what qlock
+/// takes for the same bytes, docs/protocol.md §5).
+const NEWCOMERS: &[&str] = &[
+    "img info (qcow2)",
+    "img info -U (qcow2)",
+    "qemu-io -r (qcow2)",
+    "qemu-io -r -U (qcow2)",
+    "qemu-io (qcow2)",
+    "img check -r all (qcow2)",
+    "qemu-io (raw)",
+    "qemu-io -r (raw)",
+    "img info (raw)",
+    "img resize (raw)",
+    "img convert (raw)",
 ];
 
-fn newcomer(name: &str) -> &'static Newcomer {
-    NEWCOMERS.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no newcomer {name}"))
+fn newcomer(label: &str) -> Newcomer {
+    newcomer::find(label).unwrap_or_else(|| panic!("no newcomer {label}"))
+}
+
+fn newcomers() -> impl Iterator<Item = Newcomer> {
+    NEWCOMERS.iter().map(|l| newcomer(l))
+}
+
+/// The access a newcomer asks for.
+fn access_of(n: &Newcomer) -> Access {
+    n.access.expect("these newcomers make one request")
+}
+
+fn is_raw(n: &Newcomer) -> bool {
+    n.format == Format::Raw
 }
 
 /// What an opener was told: `None` when it got in, else the message from `Failed to` on
@@ -142,17 +91,16 @@ fn newcomer(name: &str) -> &'static Newcomer {
 type Outcome = Option<String>;
 
 fn run_qemu(n: &Newcomer, images: &Images) -> Outcome {
-    let path = images.path(n.raw).display().to_string();
-    let out_path = images.dir.path().join("out.img").display().to_string();
-    let args: Vec<String> =
-        n.args.iter().map(|a| a.replace("{out}", &out_path).replace("{}", &path)).collect();
+    let out_path = images.dir.path().join("out.img");
+    let args = n.args(images.path(is_raw(n)), &out_path).expect("a one-shot newcomer");
     let out = Command::new(&args[0]).args(&args[1..]).stdin(Stdio::null()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if out.status.success() {
         return None;
     }
-    let at = stderr.find("Failed to").unwrap_or_else(|| panic!("{}: unexpected failure:\n{stderr}", n.name));
-    Some(stderr[at..].trim_end().replace(&images.dir.path().display().to_string(), "DIR"))
+    let refusal =
+        newcomer::refusal(&stderr).unwrap_or_else(|| panic!("{}: unexpected failure:\n{stderr}", n.label()));
+    Some(refusal.replace(&images.dir.path().display().to_string(), "DIR"))
 }
 
 /// qlock's answer to `access` on `path`, with `dir` written `DIR` as [`run_qemu`] does.
@@ -162,90 +110,26 @@ fn run_qlock(access: Access, path: &Path, dir: &Path) -> Outcome {
     Some(err.to_string().replace(&dir.display().to_string(), "DIR"))
 }
 
-/// A real `qemu-io` (`front_end`) holding `path`, through the testkit: ready once its prompt
-/// showed; killed and reaped on drop.
-fn qemu_io(front_end: FrontEnd, format: Format, path: &Path) -> FakeQemu {
-    FakeQemu::real(path, front_end, format)
+/// A real QEMU front end holding `path`, through the testkit: ready once it holds the image
+/// (`qemu-io`'s prompt, `qemu-nbd --fork` returning); killed and reaped on drop.
+fn real(front_end: FrontEnd, format: Format, path: &Path) -> FakeQemu {
+    FakeQemu::builder(path)
+        .front_end(front_end, format)
+        .nbd_server(NbdServer::QemuNbd)
+        .spawn_real()
         .unwrap_or_else(|e| panic!("{front_end} on {}: {e}", path.display()))
 }
 
-/// A `qemu-nbd --fork` daemon exporting an image; killed and reaped on drop, so its locks are
-/// gone when the drop returns.
-struct QemuNbd {
-    pid: i32,
-}
-
-impl QemuNbd {
-    fn start(path: &Path, dir: &Path) -> QemuNbd {
-        // The daemon's parent exits at once; as a subreaper this process adopts it and can reap
-        // it, instead of leaving it to PID 1.
-        nix::sys::prctl::set_child_subreaper(true).expect("become a child subreaper");
-        let pid_file = dir.join("nbd.pid");
-        let status = Command::new("qemu-nbd")
-            .arg("--fork")
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("-k")
-            .arg(dir.join("nbd.sock"))
-            .args(["-f", "raw"])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(status.success(), "qemu-nbd: {status}");
-        let pid = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
-        QemuNbd { pid }
-    }
-}
-
-impl Drop for QemuNbd {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.pid);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(pid, None);
-    }
-}
-
-/// A holder of one of the real QEMU front ends: a `qemu-io` mode, or `qemu-nbd` (which the
-/// testkit does not run: it stands in with `qemu-storage-daemon`).
-#[derive(Clone, Copy)]
-enum Front {
-    Io(FrontEnd),
-    Nbd,
-}
-
-/// QEMU front ends as holders, the access qlock takes for the same bytes, and the image format.
-const HOLDERS: &[(&str, Front, Access, bool)] = &[
-    ("qemu-io (qcow2)", Front::Io(FrontEnd::QemuIoRw), Access::WRITE, false),
-    ("qemu-io -r (qcow2)", Front::Io(FrontEnd::QemuIoReadOnly), Access::READ, false),
-    ("qemu-io -r -U (qcow2)", Front::Io(FrontEnd::QemuIoForceShare), Access::FORCE_SHARE, false),
-    ("qemu-io (raw)", Front::Io(FrontEnd::QemuIoRw), Access::WRITE_SHARED, true),
-    ("qemu-io -r (raw)", Front::Io(FrontEnd::QemuIoReadOnly), Access::FORCE_SHARE, true),
-    ("qemu-nbd (raw)", Front::Nbd, NBD_RAW, true),
+/// QEMU front ends as holders (`qemu-nbd` for the NBD one), the access qlock takes for the same
+/// bytes, and the image format.
+const HOLDERS: &[(&str, FrontEnd, Access, bool)] = &[
+    ("qemu-io (qcow2)", FrontEnd::QemuIoRw, Access::WRITE, false),
+    ("qemu-io -r (qcow2)", FrontEnd::QemuIoReadOnly, Access::READ, false),
+    ("qemu-io -r -U (qcow2)", FrontEnd::QemuIoForceShare, Access::FORCE_SHARE, false),
+    ("qemu-io (raw)", FrontEnd::QemuIoRw, Access::WRITE_SHARED, true),
+    ("qemu-io -r (raw)", FrontEnd::QemuIoReadOnly, Access::FORCE_SHARE, true),
+    ("qemu-nbd (raw)", FrontEnd::QemuNbdRw, NBD_RAW, true),
 ];
-
-enum Running {
-    Io(FakeQemu),
-    Nbd(QemuNbd),
-}
-
-impl Running {
-    fn pid(&self) -> u32 {
-        match self {
-            Running::Io(q) => q.pid(),
-            Running::Nbd(n) => n.pid as u32,
-        }
-    }
-}
-
-fn start(front: Front, images: &Images, raw: bool) -> Running {
-    match front {
-        Front::Io(fe) => {
-            let format = if raw { Format::Raw } else { Format::Qcow2 };
-            Running::Io(qemu_io(fe, format, images.path(raw)))
-        }
-        Front::Nbd => Running::Nbd(QemuNbd::start(images.path(raw), images.dir.path())),
-    }
-}
 
 /// QEMU holds; qlock's answer to each access equals QEMU's own newcomer's answer, word for word.
 /// Then qlock holds the same access; every QEMU newcomer gets the answer it got from the real
@@ -258,27 +142,28 @@ fn qemu_and_qlock_are_interchangeable_as_holders_and_newcomers() {
     }
     for &(holder_name, front, access, raw) in HOLDERS {
         let images = Images::new();
-        let running = start(front, &images, raw);
+        let format = if raw { Format::Raw } else { Format::Qcow2 };
+        let running = real(front, format, images.path(raw));
         let path = images.path(raw);
         // The holder takes the bytes the spec's section 5 says, and inspection names it.
         let status = inspect(&[path]).remove(0).unwrap();
         assert_eq!(status.others.held, set(access), "{holder_name}");
         let [h] = &status.holders[..] else { panic!("{holder_name}: {:?}", status.holders) };
-        let command = if matches!(front, Front::Nbd) { "qemu-nbd" } else { "qemu-io" };
+        let command = if front == FrontEnd::QemuNbdRw { "qemu-nbd" } else { "qemu-io" };
         assert_eq!((h.pid, h.command.as_deref()), (running.pid(), Some(command)), "{holder_name}");
 
-        let newcomers: Vec<&Newcomer> = NEWCOMERS.iter().filter(|n| n.raw == raw).collect();
+        let newcomers: Vec<Newcomer> = newcomers().filter(|n| is_raw(n) == raw).collect();
         let against_qemu: Vec<Outcome> = newcomers.iter().map(|n| run_qemu(n, &images)).collect();
         for (n, qemu) in newcomers.iter().zip(&against_qemu) {
-            let qlock = run_qlock(n.access, path, images.dir.path());
-            assert_eq!(&qlock, qemu, "{holder_name} holds, {} asks", n.name);
+            let qlock = run_qlock(access_of(n), path, images.dir.path());
+            assert_eq!(&qlock, qemu, "{holder_name} holds, {} asks", n.label());
             let others = Others { held: set(access), write_locked: LockSet::EMPTY };
-            let granted = decide(others, LockSet::EMPTY, set(n.access)) == Verdict::Granted;
-            assert_eq!(granted, qemu.is_none(), "reference verdict: {holder_name} holds, {} asks", n.name);
+            let granted = decide(others, LockSet::EMPTY, set(access_of(n))) == Verdict::Granted;
+            assert_eq!(granted, qemu.is_none(), "reference verdict: {holder_name} holds, {} asks", n.label());
         }
         // The holder's conflicts name it as QEMU's pid and command.
         if let Some(n) = newcomers.iter().zip(&against_qemu).find(|(_, o)| o.is_some()).map(|(n, _)| n) {
-            let err = ImageLock::acquire(path, n.access).unwrap_err();
+            let err = ImageLock::acquire(path, access_of(n)).unwrap_err();
             assert_eq!(err.conflict().unwrap().holders[0].pid, running.pid());
             assert!(err.to_string().contains(&format!("Held by pid {} ({command})", running.pid())), "{err}");
         }
@@ -291,7 +176,7 @@ fn qemu_and_qlock_are_interchangeable_as_holders_and_newcomers() {
                 &run_qemu(n, &images),
                 qemu,
                 "qlock holds {access} for {holder_name}, {} asks",
-                n.name
+                n.label()
             );
         }
     }
@@ -322,45 +207,45 @@ const WRITE: Option<&str> = Some("Failed to get \"write\" lock");
 
 const VECTORS: &[Vector] = &[
     // V1-V5: a qemu-io rw qcow2 holder's bytes.
-    v("V1", "100,101,103,201,203", "qemu-img info", SHARED_WRITE),
-    v("V2", "100,101,103,201,203", "qemu-img info -U", None),
-    v("V3", "100,101,103,201,203", "qemu-io -r", SHARED_WRITE),
-    v("V4", "100,101,103,201,203", "qemu-io", WRITE),
-    v("V5", "100,101,103,201,203", "qemu-img check -r all", WRITE),
+    v("V1", "100,101,103,201,203", "img info (qcow2)", SHARED_WRITE),
+    v("V2", "100,101,103,201,203", "img info -U (qcow2)", None),
+    v("V3", "100,101,103,201,203", "qemu-io -r (qcow2)", SHARED_WRITE),
+    v("V4", "100,101,103,201,203", "qemu-io (qcow2)", WRITE),
+    v("V5", "100,101,103,201,203", "img check -r all (qcow2)", WRITE),
     // V7-V9: a qemu-nbd rw raw holder's bytes.
-    v("V7", "100,101,203", "qemu-io -f raw", None),
-    v("V8", "100,101,203", "qemu-img resize -f raw", Some("Failed to get \"resize\" lock")),
-    v("V9", "100,101,203", "qemu-img convert -f raw", SHARED_WRITE),
+    v("V7", "100,101,203", "qemu-io (raw)", None),
+    v("V8", "100,101,203", "img resize (raw)", Some("Failed to get \"resize\" lock")),
+    v("V9", "100,101,203", "img convert (raw)", SHARED_WRITE),
     // V10-V12: a VM-like raw writer.
-    v("V10", "100,101,201", "qemu-io -r -f raw", None),
-    v("V10", "100,101,201", "qemu-img info -f raw", None),
-    v("V11", "100,101,201", "qemu-io -f raw", WRITE),
-    v("V11", "100,101,201", "qemu-img resize -f raw", WRITE),
-    v("V12", "100,101,201", "qemu-img convert -f raw", SHARED_WRITE),
+    v("V10", "100,101,201", "qemu-io -r (raw)", None),
+    v("V10", "100,101,201", "img info (raw)", None),
+    v("V11", "100,101,201", "qemu-io (raw)", WRITE),
+    v("V11", "100,101,201", "img resize (raw)", WRITE),
+    v("V12", "100,101,201", "img convert (raw)", SHARED_WRITE),
     // V13-V14: the same with share-rw.
-    v("V13", "100,101", "qemu-io -f raw", None),
-    v("V13", "100,101", "qemu-img resize -f raw", None),
-    v("V14", "100,101", "qemu-img convert -f raw", SHARED_WRITE),
+    v("V13", "100,101", "qemu-io (raw)", None),
+    v("V13", "100,101", "img resize (raw)", None),
+    v("V14", "100,101", "img convert (raw)", SHARED_WRITE),
     // V15-V16: someone unsharing consistent read stops even a force-share reader.
-    v("V15", "200", "qemu-io -r", Some("Failed to get \"consistent read\" lock")),
-    v("V15", "200", "qemu-io -r -U", Some("Failed to get \"consistent read\" lock")),
-    v("V16", "200", "qemu-img info", None),
+    v("V15", "200", "qemu-io -r (qcow2)", Some("Failed to get \"consistent read\" lock")),
+    v("V15", "200", "qemu-io -r -U (qcow2)", Some("Failed to get \"consistent read\" lock")),
+    v("V16", "200", "img info (qcow2)", None),
     // V17-V18: an exclusive reader.
-    v("V17", "100,201,202,203", "qemu-io -r", None),
-    v("V18", "100,201,202,203", "qemu-io", WRITE),
+    v("V17", "100,201,202,203", "qemu-io -r (qcow2)", None),
+    v("V18", "100,201,202,203", "qemu-io (qcow2)", WRITE),
     // V19: QEMU does not treat 102 as write. V20: 104/204 are ignored.
-    v("V19", "102", "qemu-io -r", None),
-    v("V20", "104,204", "qemu-io", None),
+    v("V19", "102", "qemu-io -r (qcow2)", None),
+    v("V20", "104,204", "qemu-io (qcow2)", None),
     // V21-V23: foreign write locks stop the lock phase, without hint or errno.
-    Vector { write: "100", ..v("V21", "", "qemu-io -r", Some("Failed to lock byte 100")) },
-    Vector { write: "100", ..v("V22", "", "qemu-img info", None) },
-    Vector { write: "201", ..v("V23", "", "qemu-io -r", Some("Failed to lock byte 201")) },
-    Vector { write: "201", ..v("V23", "", "qemu-io -r -f raw", None) },
+    Vector { write: "100", ..v("V21", "", "qemu-io -r (qcow2)", Some("Failed to lock byte 100")) },
+    Vector { write: "100", ..v("V22", "", "img info (qcow2)", None) },
+    Vector { write: "201", ..v("V23", "", "qemu-io -r (qcow2)", Some("Failed to lock byte 201")) },
+    Vector { write: "201", ..v("V23", "", "qemu-io -r (raw)", None) },
     // V24: POSIX and OFD locks interoperate.
-    Vector { posix: true, ..v("V24", "101,201", "qemu-img info", SHARED_WRITE) },
-    Vector { posix: true, ..v("V24", "101,201", "qemu-io -r", SHARED_WRITE) },
+    Vector { posix: true, ..v("V24", "101,201", "img info (qcow2)", SHARED_WRITE) },
+    Vector { posix: true, ..v("V24", "101,201", "qemu-io -r (qcow2)", SHARED_WRITE) },
     // V29: a qemu-img info in progress.
-    v("V29", "201,203", "qemu-io", WRITE),
+    v("V29", "201,203", "qemu-io (qcow2)", WRITE),
 ];
 
 /// A fake holder process taking the vector's raw read and write locks, OFD or POSIX.
@@ -391,16 +276,16 @@ fn spec_vectors_with_external_holders() {
     for vector in VECTORS {
         let n = newcomer(vector.newcomer);
         let path = match &images {
-            Some(i) => i.path(n.raw).to_path_buf(),
-            None if n.raw => raw.clone(),
+            Some(i) => i.path(is_raw(&n)).to_path_buf(),
+            None if is_raw(&n) => raw.clone(),
             None => qcow2.clone(),
         };
         let mut holder = ext_holder(&path, vector);
-        let case = format!("{} ({} | W {}) {}", vector.id, vector.read, vector.write, n.name);
-        let qlock = run_qlock(n.access, &path, path.parent().unwrap());
+        let case = format!("{} ({} | W {}) {}", vector.id, vector.read, vector.write, n.label());
+        let qlock = run_qlock(access_of(&n), &path, path.parent().unwrap());
         assert_eq!(qlock.as_deref().and_then(|m| m.lines().next()), vector.expect, "{case}");
         if let Some(images) = &images {
-            assert_eq!(run_qemu(n, images), qlock, "QEMU against {case}");
+            assert_eq!(run_qemu(&n, images), qlock, "QEMU against {case}");
         }
         assert!(holder.release().unwrap().success(), "{case}: the holder failed");
     }
@@ -433,7 +318,7 @@ fn v25_reopen_for_writing_is_refused_and_rolled_back() {
         return;
     }
     let images = Images::new();
-    let _holder = qemu_io(FrontEnd::QemuIoReadOnly, Format::Qcow2, &images.qcow2);
+    let _holder = real(FrontEnd::QemuIoReadOnly, Format::Qcow2, &images.qcow2);
     let out = Command::new("qemu-io")
         .args(["-r", "-f", "qcow2", "-c", "reopen -w"])
         .arg(&images.qcow2)
@@ -455,7 +340,7 @@ fn v30_locking_off_ignores_a_qemu_writer() {
         return;
     }
     let images = Images::new();
-    let _qemu = qemu_io(FrontEnd::QemuIoRw, Format::Qcow2, &images.qcow2);
+    let _qemu = real(FrontEnd::QemuIoRw, Format::Qcow2, &images.qcow2);
     let off = LockOptions::default().with_locking(qlock_core::Locking::Off);
     let guard = ImageLock::acquire_with(&images.qcow2, Access::WRITE, &off).unwrap();
     assert_eq!(inspect(&[&images.qcow2]).remove(0).unwrap().holders.len(), 1, "only qemu-io holds");

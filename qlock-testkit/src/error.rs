@@ -95,6 +95,10 @@ pub enum Error {
     /// The operation exists only for fake holders (a real QEMU cannot be given a lock set).
     #[error("{0} is not possible on a real QEMU holder")]
     Unsupported(&'static str),
+    /// This machine cannot have the GlusterFS test bed (not root, no FUSE, no network
+    /// namespaces, GlusterFS not installed): skip the test.
+    #[error("no GlusterFS test bed here: {0}")]
+    NoTestBed(String),
     /// The holder process died or stopped answering.
     #[error("holder pid {pid} is gone{}", .status.map(|s| format!(" ({s})")).unwrap_or_default())]
     Gone {
@@ -124,7 +128,13 @@ impl Error {
     /// True when a test should be skipped, not failed: the real QEMU asked for is absent or
     /// cannot hold locks.
     pub fn is_skip(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::NotAHolder(_) | Error::NoRealEquivalent { .. })
+        matches!(
+            self,
+            Error::Unavailable { .. }
+                | Error::NotAHolder(_)
+                | Error::NoRealEquivalent { .. }
+                | Error::NoTestBed(_)
+        )
     }
 
     /// QEMU's one-line message for a protocol refusal (`Failed to get "write" lock`), whether

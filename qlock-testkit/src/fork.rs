@@ -265,29 +265,29 @@ fn test_lock(img: RawFd, op: &Op) -> Result<Option<(u64, u64, bool, i32)>, i32> 
 /// Sends a reply; false when the parent is gone.
 fn reply(sock: RawFd, r: &Reply) -> bool {
     let buf = r.encode();
-    let mut done = 0;
-    while done < buf.len() {
+    whole(buf.len(), |done| {
         let rest = &buf[done..];
         // SAFETY: `rest` is a live slice of our stack buffer; MSG_NOSIGNAL avoids SIGPIPE.
-        let n = unsafe { libc::send(sock, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
-        if n < 0 && Errno::last_raw() == libc::EINTR {
-            continue;
-        }
-        if n <= 0 {
-            return false;
-        }
-        done += n as usize;
-    }
-    true
+        unsafe { libc::send(sock, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) }
+    })
 }
 
 /// Reads exactly one request; false on end-of-file or error.
 fn read_full(sock: RawFd, buf: &mut [u8; REQUEST_SIZE]) -> bool {
-    let mut done = 0;
-    while done < buf.len() {
+    let len = buf.len();
+    whole(len, |done| {
         let rest = &mut buf[done..];
         // SAFETY: `rest` is a live, writable slice of our stack buffer.
-        let n = unsafe { libc::read(sock, rest.as_mut_ptr().cast(), rest.len()) };
+        unsafe { libc::read(sock, rest.as_mut_ptr().cast(), rest.len()) }
+    })
+}
+
+/// Repeats `step(bytes done so far)`, a `send` or `read` returning its count, until `len`
+/// bytes are through; false on end-of-file or error. `EINTR` retries.
+fn whole(len: usize, mut step: impl FnMut(usize) -> isize) -> bool {
+    let mut done = 0;
+    while done < len {
+        let n = step(done);
         if n < 0 && Errno::last_raw() == libc::EINTR {
             continue;
         }

@@ -143,31 +143,21 @@ impl FrontEnd {
     /// and `resize`; `qemu-img check -r all` is assumed to be `check` opened read-write.
     pub fn user(self) -> User {
         use FrontEnd::*;
-        let user = |perm: Perm, shared: Perm, writable: bool| User {
-            perm,
-            shared: shared | Perm::GRAPH_MOD,
-            writable,
-            force_share: false,
-            no_io: false,
-        };
-        let all = Perm::ALL;
         match self {
-            QemuIoRw | QemuImgCheckRepair | VmDiskShareRw => user(CR | W, all, true),
-            QemuIoReadOnly | QemuImgCheck => user(CR, all, false),
-            QemuIoForceShare | QemuImgConvertSourceForceShare => {
-                User { force_share: true, ..user(CR, all, false) }
-            }
-            QemuImgInfo => User { no_io: true, ..user(Perm::empty(), all, false) },
-            QemuImgInfoForceShare => {
-                User { no_io: true, force_share: true, ..user(Perm::empty(), all, false) }
-            }
-            QemuImgConvertSource => user(CR, CR | WU, false),
-            QemuImgResize => user(CR | W | RS, all, true),
-            VmDisk => user(CR | W, CR | WU | RS, true),
-            VmDiskReadonly => user(CR, CR | WU | RS, false),
-            BackingFile => FrontEnd::VmDisk.user().backing(),
-            QemuNbdRw => user(CR | W, CR | W | WU, true),
-            QemuNbdReadOnly => user(CR, CR | W | WU, false),
+            QemuIoRw | VmDiskShareRw => User::QEMU_IO_RW,
+            // Assumed: `check` opened read-write.
+            QemuImgCheckRepair => User::QEMU_IO_RW,
+            QemuIoReadOnly | QemuImgCheck => User::QEMU_IO_READ_ONLY,
+            QemuIoForceShare | QemuImgConvertSourceForceShare => User::QEMU_IO_FORCE_SHARE,
+            QemuImgInfo => User::QEMU_IMG_INFO,
+            QemuImgInfoForceShare => User::QEMU_IMG_INFO_FORCE_SHARE,
+            QemuImgConvertSource => User::CONVERT_SOURCE,
+            QemuImgResize => User::RESIZE,
+            VmDisk => User::VM_DISK,
+            VmDiskReadonly => User::VM_DISK_READONLY,
+            BackingFile => User::VM_DISK.backing(),
+            QemuNbdRw => User::NBD_RW,
+            QemuNbdReadOnly => User::NBD_READ_ONLY,
             StorageDaemonBlockdev => User::nobody(true),
         }
     }

@@ -5,7 +5,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -13,18 +12,18 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::resource::{Resource, getrlimit};
 use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 use qlock_core::Check;
 use qlock_core::graph::{Chain, ChainError, Role};
-use qlock_core::{Access, ImageLock, LockOptions, LockSet, Locking, Perm};
+use qlock_core::{Access, ImageLock, LockKind, LockOptions, LockSet, Locking, Perm};
 use qlock_core::{Conflict, ConflictReason};
 
 use crate::error::{Error, Result};
 use crate::fork::{ChildSetup, MAX_NODES, fork_holder};
 use crate::front_end::{Format, FrontEnd};
-use crate::raw::{Held, HolderKind, RawLock, change};
-use crate::real::Real;
+use crate::raw::{Held, RawLock, change};
+pub use crate::real::NbdServer;
+use crate::real::{Real, reap};
 use crate::wire::{Cmd, REPLY_SIZE, Reply, Request, Status};
 
 /// How long a holder may take to answer before it is declared hung. Answers take
@@ -46,8 +45,11 @@ pub struct HolderBuilder {
     path: PathBuf,
     want: Want,
     writable: bool,
-    kind: HolderKind,
+    kind: LockKind,
     chain: bool,
+    /// Further images held the same way, in the same process.
+    also: Vec<PathBuf>,
+    nbd: NbdServer,
     qemu_bin_dir: Option<PathBuf>,
     qemu_env: Vec<(OsString, OsString)>,
 }
@@ -91,9 +93,24 @@ impl HolderBuilder {
         self
     }
 
+    /// Hold the same on `path` too, in the same process (repeatable): one holder of several
+    /// images, as a VM with several disks. Its locks can then no longer be changed.
+    pub fn also(mut self, path: impl AsRef<Path>) -> Self {
+        self.also.push(path.as_ref().to_path_buf());
+        self
+    }
+
     /// Take a front end's or access's bytes with POSIX locks, as QEMU does without OFD.
     pub fn posix(mut self) -> Self {
-        self.kind = HolderKind::Posix;
+        self.kind = LockKind::Posix;
+        self
+    }
+
+    /// Which program [`spawn_real`](Self::spawn_real) runs for [`FrontEnd::QemuNbdRw`] and
+    /// [`FrontEnd::QemuNbdReadOnly`] (default: a `qemu-storage-daemon` export). Both hold the
+    /// same bytes behind the same handle; dropping it kills and reaps either.
+    pub fn nbd_server(mut self, server: NbdServer) -> Self {
+        self.nbd = server;
         self
     }
 
@@ -144,10 +161,14 @@ impl HolderBuilder {
         let target = self.target()?;
         let writable = self.writable || matches!(&target, Held::Raw(l) if l.iter().any(|l| l.write));
         let (request, checks) = change(&Held::NOTHING, &target);
-        let paths = vec![self.path.clone()];
+        let paths: Vec<PathBuf> = std::iter::once(&self.path).chain(&self.also).cloned().collect();
         let mut holder = self.fork(&paths, writable, &request)?;
+        holder.also = paths[1..].to_vec();
         // On failure the handle is dropped here, which kills and reaps the child.
-        holder.finish(0, &request, &checks, target)?;
+        holder.finish(0, &request, &checks, target.clone())?;
+        for node in 1..paths.len() {
+            holder.step(node, &Held::NOTHING, &target)?;
+        }
         Ok(holder)
     }
 
@@ -181,6 +202,7 @@ impl HolderBuilder {
                 _ => None,
             },
             nodes: Vec::new(),
+            also: Vec::new(),
             imp: Imp::Fake { sock, held: Held::NOTHING, writable },
         })
     }
@@ -244,7 +266,8 @@ impl HolderBuilder {
             return Err(Error::Unsupported("a raw lock set or bare access"));
         };
         fe.access(format).ok_or(Error::NotApplicable { front_end: fe, format })?;
-        let real = Real::spawn(fe, format, &self.path, self.qemu_bin_dir.as_deref(), &self.qemu_env)?;
+        let real =
+            Real::spawn(fe, format, &self.path, self.nbd, self.qemu_bin_dir.as_deref(), &self.qemu_env)?;
         let pid = Pid::from_raw(real.pid() as i32);
         Ok(FakeQemu {
             path: self.path,
@@ -252,6 +275,7 @@ impl HolderBuilder {
             status: None,
             front_end: Some((fe, format)),
             nodes: Vec::new(),
+            also: Vec::new(),
             imp: Imp::Real(real),
         })
     }
@@ -297,6 +321,8 @@ pub struct FakeQemu {
     front_end: Option<(FrontEnd, Format)>,
     /// Every node of a chain holder, top first; empty for a holder of one image.
     nodes: Vec<ChainNode>,
+    /// The further images a fake holds (see [`HolderBuilder::also`]).
+    also: Vec<PathBuf>,
     imp: Imp,
 }
 
@@ -320,8 +346,10 @@ impl FakeQemu {
             path: path.as_ref().to_path_buf(),
             want: Want::Raw(Vec::new()),
             writable: false,
-            kind: HolderKind::Ofd,
+            kind: LockKind::Ofd,
             chain: false,
+            also: Vec::new(),
+            nbd: NbdServer::StorageDaemon,
             qemu_bin_dir: None,
             qemu_env: Vec::new(),
         }
@@ -376,12 +404,12 @@ impl FakeQemu {
     /// [`Error::Refused`] with QEMU's message on a conflict; [`Error::Unsupported`] on a real
     /// QEMU; [`Error::Gone`] when the holder died.
     pub fn set_access(&mut self, access: Access) -> Result<()> {
-        if !self.nodes.is_empty() {
-            return Err(Error::Unsupported("set_access on a chain holder"));
+        if !self.nodes.is_empty() || !self.also.is_empty() {
+            return Err(Error::Unsupported("set_access on a holder of several images"));
         }
         let kind = match &self.imp {
             Imp::Fake { held: Held::Access(_, kind), .. } => *kind,
-            Imp::Fake { .. } => HolderKind::Ofd,
+            Imp::Fake { .. } => LockKind::Ofd,
             Imp::Real(_) => return Err(Error::Unsupported("set_access")),
         };
         self.change_to(Held::Access(access.lock_set(Perm::ALL), kind))
@@ -394,6 +422,9 @@ impl FakeQemu {
     /// [`Error::RawLock`] when a lock cannot be taken (a write lock needs
     /// [`HolderBuilder::writable`]); [`Error::Unsupported`] on a real QEMU.
     pub fn set_raw(&mut self, locks: &[RawLock]) -> Result<()> {
+        if !self.nodes.is_empty() || !self.also.is_empty() {
+            return Err(Error::Unsupported("set_raw on a holder of several images"));
+        }
         if let Some(bad) = locks.iter().find(|l| !l.is_valid()) {
             return Err(Error::Invalid(format!("{bad} is beyond the largest file offset")));
         }
@@ -456,7 +487,11 @@ impl FakeQemu {
 
     /// The path of node `node` (the image itself for a holder of one image).
     fn node_path(&self, node: usize) -> PathBuf {
-        self.nodes.get(node).map_or_else(|| self.path.clone(), |n| n.path.clone())
+        match (self.nodes.get(node), node.checked_sub(1).and_then(|i| self.also.get(i))) {
+            (Some(n), _) => n.path.clone(),
+            (None, Some(p)) => p.clone(),
+            (None, None) => self.path.clone(),
+        }
     }
 
     /// Reads the answer to `request` and records `target` as held on success.
@@ -504,7 +539,7 @@ impl FakeQemu {
                     }
                     .into())
                 } else {
-                    let kind = if op.posix { HolderKind::Posix } else { HolderKind::Ofd };
+                    let kind = if op.posix { LockKind::Posix } else { LockKind::Ofd };
                     let lock = RawLock { start: op.start, len: op.len, write: op.cmd == Cmd::Write, kind };
                     Err(Error::RawLock { lock, source: errno() })
                 }
@@ -557,14 +592,10 @@ impl FakeQemu {
                 let exit = Request::exit().encode().ok_or_else(too_many)?;
                 // A holder that already died closed its end; wait() reports how it ended.
                 let _ = sock.write_all(&exit);
-                self.wait()
             }
-            Imp::Real(real) => {
-                let status = real.release()?;
-                self.status = Some(status);
-                Ok(status)
-            }
+            Imp::Real(real) => real.quit(),
         }
+        self.wait()
     }
 
     /// Crashes the holder with `SIGKILL`, as a VM killed by the OOM killer, and reaps it; its
@@ -577,17 +608,11 @@ impl FakeQemu {
             return Ok(status);
         }
         match &mut self.imp {
-            Imp::Fake { .. } => {
-                // ESRCH cannot happen before the reap below; anything else shows in wait().
-                let _ = kill(self.pid, Signal::SIGKILL);
-                self.wait()
-            }
-            Imp::Real(real) => {
-                let status = real.kill()?;
-                self.status = Some(status);
-                Ok(status)
-            }
+            // ESRCH cannot happen before the reap in wait(); anything else shows there.
+            Imp::Fake { .. } => drop(kill(self.pid, Signal::SIGKILL)),
+            Imp::Real(real) => real.kill(),
         }
+        self.wait()
     }
 
     /// Waits until the holder exits (after a [`release`](Self::release), or when something
@@ -601,14 +626,7 @@ impl FakeQemu {
         }
         let status = match &mut self.imp {
             Imp::Real(real) => real.wait()?,
-            Imp::Fake { .. } => loop {
-                match waitpid(self.pid, None) {
-                    Ok(WaitStatus::Exited(_, code)) => break ExitStatus::from_raw(code << 8),
-                    Ok(WaitStatus::Signaled(_, sig, _)) => break ExitStatus::from_raw(sig as i32),
-                    Ok(_) | Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(Error::Io { what: "waitpid", source: e.into() }),
-                }
-            },
+            Imp::Fake { .. } => reap(self.pid)?,
         };
         self.status = Some(status);
         Ok(status)

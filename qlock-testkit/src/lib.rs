@@ -42,7 +42,8 @@
 //!
 //! Modules: [`front_end`] (the spec's table), [`raw`] (lock sets and change plans),
 //! [`holder`] (the handle), `fixtures` (rstest fixtures, the default feature `fixtures`),
-//! `fuse` (a real FUSE filesystem whose locks fail, feature `fuse`), [`error`].
+//! `fuse` (a real FUSE filesystem whose locks fail, feature `fuse`), `gluster` (a real
+//! two-host GlusterFS bed, feature `gluster`), [`error`].
 //!
 //! See README.md for the downstream testing guide.
 
@@ -53,13 +54,22 @@ mod fork;
 pub mod front_end;
 #[cfg(feature = "fuse")]
 pub mod fuse;
+#[cfg(feature = "gluster")]
+pub mod gluster;
 pub mod holder;
+mod image;
+pub mod newcomer;
 pub mod raw;
 mod real;
+pub mod reexec;
+mod skip;
 mod wire;
 
 pub use error::{Error, Result};
 pub use front_end::{Format, FrontEnd};
-pub use holder::{ChainNode, FakeQemu, HolderBuilder};
-pub use qlock_core::{Access, Perm};
-pub use raw::{HolderKind, RawLock};
+pub use holder::{ChainNode, FakeQemu, HolderBuilder, NbdServer};
+pub use image::{IMAGE_SIZE, TempImage};
+pub use newcomer::Newcomer;
+pub use qlock_core::{Access, LockKind, Perm};
+pub use raw::RawLock;
+pub use skip::{in_ci, require, require_all, skip};

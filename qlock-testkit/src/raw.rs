@@ -7,31 +7,18 @@
 
 use std::fmt;
 
-use qlock_core::Check;
 use qlock_core::plan::plan;
-use qlock_core::{LockSet, Perm};
+use qlock_core::{Check, LockKind, LockSet, Perm};
 
 use crate::wire::{Cmd, Op, Request};
-
-/// Which family of fcntl lock commands a raw lock uses.
-///
-/// Both live in the same kernel lock table and conflict with each other; they differ in who
-/// owns a lock (the open file description, or the process).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HolderKind {
-    /// `F_OFD_SETLK`: what QEMU uses.
-    Ofd,
-    /// `F_SETLK`: what QEMU falls back to without OFD, and what many other tools use.
-    Posix,
-}
 
 /// One byte-range lock as a test wants it held, protocol or not.
 ///
 /// ```
-/// use qlock_testkit::{HolderKind, RawLock};
+/// use qlock_testkit::{LockKind, RawLock};
 ///
 /// let libvirt = RawLock::byte(0).exclusive().posix(); // virtlockd-style lease on byte 0
-/// assert_eq!(libvirt, RawLock { start: 0, len: 1, write: true, kind: HolderKind::Posix });
+/// assert_eq!(libvirt, RawLock { start: 0, len: 1, write: true, kind: LockKind::Posix });
 /// assert_eq!(RawLock::WHOLE_FILE.to_string(), "read 0-EOF (OFD)");
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,24 +30,25 @@ pub struct RawLock {
     /// A write (exclusive) lock instead of a read (shared) lock. QEMU never takes one: a write
     /// lock on a protocol byte makes a starting QEMU fail with `Failed to lock byte N`.
     pub write: bool,
-    /// OFD or POSIX lock commands.
-    pub kind: HolderKind,
+    /// OFD or POSIX lock commands (both live in the same kernel lock table and conflict with
+    /// each other; they differ in who owns a lock: the open file description, or the process).
+    pub kind: LockKind,
 }
 
 impl RawLock {
     /// A whole-file read lock, as some VMMs and backup tools take.
-    pub const WHOLE_FILE: RawLock = RawLock { start: 0, len: 0, write: false, kind: HolderKind::Ofd };
+    pub const WHOLE_FILE: RawLock = RawLock { start: 0, len: 0, write: false, kind: LockKind::Ofd };
     /// The graph-mod bytes 104 and 204 that QEMU 2.10 to 6.2 could hold (spec vector V20).
     pub const LEGACY_GRAPH_MOD: [RawLock; 2] = [RawLock::byte(104), RawLock::byte(204)];
 
     /// A read lock on one byte, OFD.
     pub const fn byte(byte: u64) -> RawLock {
-        RawLock { start: byte, len: 1, write: false, kind: HolderKind::Ofd }
+        RawLock { start: byte, len: 1, write: false, kind: LockKind::Ofd }
     }
 
     /// A read lock on `start..start + len` (`len` 0: to the end of the file), OFD.
     pub const fn range(start: u64, len: u64) -> RawLock {
-        RawLock { start, len, write: false, kind: HolderKind::Ofd }
+        RawLock { start, len, write: false, kind: LockKind::Ofd }
     }
 
     /// The same range as a write lock. The holder must be [`writable`](crate::HolderBuilder::writable)
@@ -72,16 +60,16 @@ impl RawLock {
 
     /// The same lock with POSIX commands.
     pub const fn posix(self) -> RawLock {
-        RawLock { kind: HolderKind::Posix, ..self }
+        RawLock { kind: LockKind::Posix, ..self }
     }
 
     /// The read locks QEMU would hold for `set`, one byte each in QEMU's lock order.
-    pub fn from_lock_set(set: LockSet, kind: HolderKind) -> Vec<RawLock> {
+    pub fn from_lock_set(set: LockSet, kind: LockKind) -> Vec<RawLock> {
         set.bytes().map(|b| RawLock { kind, ..RawLock::byte(b) }).collect()
     }
 
     /// The read locks an [`Access`](qlock_core::Access) holds (QEMU >= 7.0 bytes).
-    pub fn from_access(access: qlock_core::Access, kind: HolderKind) -> Vec<RawLock> {
+    pub fn from_access(access: qlock_core::Access, kind: LockKind) -> Vec<RawLock> {
         RawLock::from_lock_set(access.lock_set(Perm::ALL), kind)
     }
 
@@ -98,7 +86,7 @@ impl RawLock {
 
     fn op(self) -> Op {
         let cmd = if self.write { Cmd::Write } else { Cmd::Read };
-        Op { cmd, posix: self.kind == HolderKind::Posix, start: self.start, len: self.len }
+        Op { cmd, posix: self.kind == LockKind::Posix, start: self.start, len: self.len }
     }
 }
 
@@ -112,8 +100,8 @@ impl fmt::Display for RawLock {
             n => write!(f, "{}-{}", self.start, self.start.saturating_add(n - 1))?,
         }
         f.write_str(match self.kind {
-            HolderKind::Ofd => " (OFD)",
-            HolderKind::Posix => " (POSIX)",
+            LockKind::Ofd => " (OFD)",
+            LockKind::Posix => " (POSIX)",
         })
     }
 }
@@ -122,7 +110,7 @@ impl fmt::Display for RawLock {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Held {
     /// QEMU-like: the protocol bytes of an access, taken with lock then check.
-    Access(LockSet, HolderKind),
+    Access(LockSet, LockKind),
     /// Exactly these locks, no checks.
     Raw(Vec<RawLock>),
 }
@@ -150,7 +138,7 @@ pub(crate) fn change(old: &Held, new: &Held) -> (Request, Vec<Check>) {
         Held::Access(wanted, _) => plan(LockSet::EMPTY, *wanted).checks().collect(),
         Held::Raw(_) => Vec::new(),
     };
-    let posix = matches!(new, Held::Access(_, HolderKind::Posix));
+    let posix = matches!(new, Held::Access(_, LockKind::Posix));
     let test = |c: &Check| Op { cmd: Cmd::Test, posix, start: c.byte(), len: 1 };
     let mut req = raw_change(&old.locks(), &new.locks());
     req.check = checks.iter().map(test).collect();
@@ -158,9 +146,9 @@ pub(crate) fn change(old: &Held, new: &Held) -> (Request, Vec<Check>) {
 }
 
 /// QEMU's own PREPARE / COMMIT / ABORT between two protocol lock sets.
-fn access_change(held: LockSet, wanted: LockSet, kind: HolderKind) -> (Request, Vec<Check>) {
+fn access_change(held: LockSet, wanted: LockSet, kind: LockKind) -> (Request, Vec<Check>) {
     let p = plan(held, wanted);
-    let posix = kind == HolderKind::Posix;
+    let posix = kind == LockKind::Posix;
     let ops =
         |set: LockSet, cmd| -> Vec<Op> { set.bytes().map(|b| Op { cmd, posix, start: b, len: 1 }).collect() };
     let checks: Vec<Check> = p.checks().collect();
@@ -200,7 +188,7 @@ fn uncovered(from: &[RawLock], keep: &[RawLock]) -> Vec<Op> {
         let mut cur = l.start;
         let mut emit = |s: u64, e: u64| {
             let len = if e == u64::MAX { 0 } else { e - s };
-            out.push(Op { cmd: Cmd::Unlock, posix: l.kind == HolderKind::Posix, start: s, len });
+            out.push(Op { cmd: Cmd::Unlock, posix: l.kind == LockKind::Posix, start: s, len });
         };
         for (cs, ce) in cuts {
             if ce <= cur || cs >= end {
@@ -235,8 +223,8 @@ mod tests {
         // qemu-io -r reopened read-write (spec V25): lock 101 103, check the whole new request,
         // release nothing; abort releases only what was added.
         let (req, checks) = change(
-            &Held::Access(Access::READ.lock_set(Perm::ALL), HolderKind::Ofd),
-            &Held::Access(Access::WRITE.lock_set(Perm::ALL), HolderKind::Ofd),
+            &Held::Access(Access::READ.lock_set(Perm::ALL), LockKind::Ofd),
+            &Held::Access(Access::WRITE.lock_set(Perm::ALL), LockKind::Ofd),
         );
         assert_eq!(spans(&req.prepare), vec![(Cmd::Read, 101, 1), (Cmd::Read, 103, 1)]);
         assert_eq!(req.check.iter().map(|o| o.start).collect::<Vec<_>>(), vec![200, 201, 203, 101, 103]);
@@ -245,8 +233,8 @@ mod tests {
         assert_eq!(spans(&req.abort), vec![(Cmd::Unlock, 101, 1), (Cmd::Unlock, 103, 1)]);
         // Fast path: going down checks nothing and releases at commit.
         let (req, _) = change(
-            &Held::Access(Access::WRITE.lock_set(Perm::ALL), HolderKind::Ofd),
-            &Held::Access(Access::READ.lock_set(Perm::ALL), HolderKind::Ofd),
+            &Held::Access(Access::WRITE.lock_set(Perm::ALL), LockKind::Ofd),
+            &Held::Access(Access::READ.lock_set(Perm::ALL), LockKind::Ofd),
         );
         assert!(req.prepare.is_empty() && req.check.is_empty());
         assert_eq!(spans(&req.commit), vec![(Cmd::Unlock, 101, 1), (Cmd::Unlock, 103, 1)]);
@@ -272,7 +260,7 @@ mod tests {
     fn switching_to_an_access_checks_the_whole_request() {
         let (req, checks) = change(
             &Held::Raw(vec![RawLock::byte(0)]),
-            &Held::Access(Access::READ.lock_set(Perm::ALL), HolderKind::Ofd),
+            &Held::Access(Access::READ.lock_set(Perm::ALL), LockKind::Ofd),
         );
         assert_eq!(spans(&req.prepare), vec![(Cmd::Read, 100, 1), (Cmd::Read, 201, 1), (Cmd::Read, 203, 1)]);
         assert_eq!(checks.iter().map(|c| c.byte()).collect::<Vec<_>>(), vec![200, 101, 103]);

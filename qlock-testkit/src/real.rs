@@ -1,16 +1,24 @@
-//! Real QEMU processes as holders: `qemu-io`, `qemu-storage-daemon`, `qemu-system-x86_64`.
+//! Real QEMU processes as holders: `qemu-io`, `qemu-storage-daemon`, `qemu-system-x86_64`,
+//! `qemu-nbd`.
 //!
 //! Readiness is QEMU's own output, never a sleep: `qemu-io` prints its `qemu-io> ` prompt once
 //! the image is open (also when stdin is a pipe), and the daemons print their QMP greeting once
 //! every option before the monitor has been processed, so the monitor is always the last
-//! option. When QEMU fails instead, it exits and its stderr becomes the error.
+//! option. `qemu-nbd --fork` exits its first process once the export is up; the daemon it
+//! leaves is adopted by this process, a child subreaper, so that it can be killed and reaped
+//! like any child. When QEMU fails instead, it exits and its stderr becomes the error.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use crate::error::{Error, Result};
@@ -20,13 +28,24 @@ use crate::front_end::{Format, FrontEnd};
 /// A running QEMU process that holds an image's locks.
 #[derive(Debug)]
 pub(crate) struct Real {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    /// Kept open so QEMU never writes into a closed pipe.
-    _stdout: ChildStdout,
-    qmp: bool,
+    proc: Proc,
     /// Sockets and overlays live here until the process is gone.
     _dir: TempDir,
+}
+
+/// The process behind a [`Real`].
+#[derive(Debug)]
+enum Proc {
+    /// Our child, spoken to on stdin.
+    Child {
+        child: Child,
+        stdin: Option<ChildStdin>,
+        /// Kept open so QEMU never writes into a closed pipe.
+        _stdout: ChildStdout,
+        qmp: bool,
+    },
+    /// A daemon (`qemu-nbd --fork`) adopted by this process as a subreaper.
+    Adopted(Pid),
 }
 
 /// How long a real QEMU may take to get ready (a TCG VM on a loaded machine takes seconds).
@@ -151,11 +170,17 @@ impl Real {
         fe: FrontEnd,
         format: Format,
         image: &Path,
+        nbd: NbdServer,
         bin_dir: Option<&Path>,
         env: &[(OsString, OsString)],
     ) -> Result<Real> {
         let dir =
             tempfile::Builder::new().prefix("qlock-testkit-").tempdir().map_err(Error::io("temp dir"))?;
+        if nbd == NbdServer::QemuNbd && matches!(fe, FrontEnd::QemuNbdRw | FrontEnd::QemuNbdReadOnly) {
+            let read_only = fe == FrontEnd::QemuNbdReadOnly;
+            let pid = spawn_qemu_nbd(format, read_only, image, dir.path(), bin_dir, env)?;
+            return Ok(Real { proc: Proc::Adopted(pid), _dir: dir });
+        }
         let plan = plan(fe, format, image, dir.path())?;
         let program = find_program(plan.program, bin_dir)?;
         if plan.program == "qemu-system-x86_64" {
@@ -202,36 +227,113 @@ impl Real {
         } else {
             read_until(&mut child, &mut stdout, &mut seen, b"qemu-io> ", plan.program)?;
         }
-        Ok(Real { child, stdin: Some(stdin), _stdout: stdout, qmp: plan.qmp, _dir: dir })
+        let proc = Proc::Child { child, stdin: Some(stdin), _stdout: stdout, qmp: plan.qmp };
+        Ok(Real { proc, _dir: dir })
     }
 
     pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Asks QEMU to quit (`quit` for qemu-io, QMP `quit` for the daemons) and reaps it.
-    pub(crate) fn release(&mut self) -> Result<ExitStatus> {
-        if let Some(mut stdin) = self.stdin.take() {
-            let msg: &[u8] = if self.qmp {
-                b"{\"execute\":\"quit\"}\n" // capabilities were negotiated at spawn
-            } else {
-                b"quit\n"
-            };
-            // A QEMU that already died closed its end: waiting below reports how it ended.
-            let _ = stdin.write_all(msg);
+        match &self.proc {
+            Proc::Child { child, .. } => child.id(),
+            Proc::Adopted(pid) => pid.as_raw() as u32,
         }
-        self.wait()
     }
 
-    pub(crate) fn kill(&mut self) -> Result<ExitStatus> {
+    /// Asks QEMU to quit (`quit` for qemu-io, QMP `quit` for the daemons, `SIGTERM` for
+    /// qemu-nbd); [`wait`](Self::wait) reaps it.
+    pub(crate) fn quit(&mut self) {
+        match &mut self.proc {
+            Proc::Child { stdin, qmp, .. } => {
+                if let Some(mut stdin) = stdin.take() {
+                    let msg: &[u8] = if *qmp {
+                        b"{\"execute\":\"quit\"}\n" // capabilities were negotiated at spawn
+                    } else {
+                        b"quit\n"
+                    };
+                    // A QEMU that already died closed its end: waiting below reports how it ended.
+                    let _ = stdin.write_all(msg);
+                }
+            }
+            // ESRCH cannot happen before the reap in wait(); anything else shows there.
+            Proc::Adopted(pid) => drop(kill(*pid, Signal::SIGTERM)),
+        }
+    }
+
+    /// Sends `SIGKILL`; [`wait`](Self::wait) reaps it.
+    pub(crate) fn kill(&mut self) {
         // Fails only when the process was already reaped, which wait() then reports.
-        let _ = self.child.kill();
-        self.wait()
+        match &mut self.proc {
+            Proc::Child { child, .. } => drop(child.kill()),
+            Proc::Adopted(pid) => drop(kill(*pid, Signal::SIGKILL)),
+        }
     }
 
     pub(crate) fn wait(&mut self) -> Result<ExitStatus> {
-        self.child.wait().map_err(Error::io("wait for QEMU"))
+        match &mut self.proc {
+            Proc::Child { child, .. } => child.wait().map_err(Error::io("wait for QEMU")),
+            Proc::Adopted(pid) => reap(*pid),
+        }
     }
+}
+
+/// Waits for `pid` (our child, or a daemon we adopted) to exit and reaps it.
+pub(crate) fn reap(pid: Pid) -> Result<ExitStatus> {
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw(code << 8)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ExitStatus::from_raw(sig as i32)),
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::Io { what: "waitpid", source: e.into() }),
+        }
+    }
+}
+
+/// Which program a real NBD front end ([`FrontEnd::QemuNbdRw`], [`FrontEnd::QemuNbdReadOnly`])
+/// runs: both take the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NbdServer {
+    /// A `qemu-storage-daemon` with an NBD export, spoken to over QMP.
+    #[default]
+    StorageDaemon,
+    /// `qemu-nbd --fork`. Its daemon is not our child: spawning makes this process a child
+    /// subreaper (`PR_SET_CHILD_SUBREAPER`) so that it adopts the daemon and can reap it.
+    QemuNbd,
+}
+
+/// Runs `qemu-nbd --fork` on `image` and returns the daemon's pid once it serves (its first
+/// process exits then: that is the handshake).
+fn spawn_qemu_nbd(
+    format: Format,
+    read_only: bool,
+    image: &Path,
+    dir: &Path,
+    bin_dir: Option<&Path>,
+    env: &[(OsString, OsString)],
+) -> Result<Pid> {
+    let program = find_program("qemu-nbd", bin_dir)?;
+    // The daemon's parent exits at once; as a subreaper this process adopts it instead of PID 1.
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|e| Error::io("become a child subreaper")(e.into()))?;
+    let (pid_file, err_file) = (dir.join("nbd.pid"), dir.join("nbd.err"));
+    // A file, not a pipe: the daemon keeps the descriptor, and a pipe would never see its end.
+    let err = std::fs::File::create(&err_file).map_err(Error::io("create qemu-nbd's stderr file"))?;
+    let mut cmd = Command::new(program);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .args(["-f", format.as_str(), "--fork", "--pid-file"])
+        .arg(&pid_file)
+        .arg("-k")
+        .arg(dir.join("nbd.sock"));
+    if read_only {
+        cmd.arg("-r");
+    }
+    cmd.arg(image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
+    let status = cmd.status().map_err(Error::io("run qemu-nbd"))?;
+    if !status.success() {
+        let stderr = std::fs::read(&err_file).unwrap_or_default();
+        return Err(qemu_failed("qemu-nbd", Some(status), &stderr));
+    }
+    let pid = std::fs::read_to_string(&pid_file).map_err(Error::io("read qemu-nbd's pid file"))?;
+    let pid = pid.trim().parse().map_err(|_| Error::Invalid(format!("qemu-nbd's pid file says {pid:?}")))?;
+    Ok(Pid::from_raw(pid))
 }
 
 fn qemu_failed(program: &str, status: Option<ExitStatus>, stderr: &[u8]) -> Error {

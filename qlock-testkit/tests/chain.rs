@@ -12,14 +12,7 @@ use qlock_core::inspect;
 use qlock_testkit::{Access, Error, FakeQemu, Format, FrontEnd};
 
 fn have_qemu() -> bool {
-    let found = ["qemu-img", "qemu-io", "qemu-storage-daemon"]
-        .iter()
-        .all(|p| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()));
-    if !found {
-        assert!(std::env::var_os("CI").is_none_or(|v| v != "true"), "QEMU is required under CI=true");
-        eprintln!("SKIPPED: qemu-img, qemu-io or qemu-storage-daemon not found on PATH");
-    }
-    found
+    qlock_testkit::require_all(&["qemu-img", "qemu-io", "qemu-storage-daemon"])
 }
 
 fn img(dir: &Path, args: &[&str]) {

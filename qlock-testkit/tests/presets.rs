@@ -4,7 +4,7 @@
 use qlock_core::{HeldRange, ImageStatus};
 use qlock_core::{LockKind, Perm};
 use qlock_testkit::fixtures::TempImage;
-use qlock_testkit::{FakeQemu, Format, FrontEnd, HolderKind, RawLock};
+use qlock_testkit::{FakeQemu, Format, FrontEnd, RawLock};
 use rstest::rstest;
 
 fn status(image: &TempImage) -> ImageStatus {
@@ -81,5 +81,5 @@ fn posix_front_ends_take_the_same_bytes_with_posix_locks() {
     let s = status(&image);
     assert_eq!(s.others.held.to_string(), "100 101 103 | 201 203");
     assert_eq!((s.holders[0].pid, s.holders[0].kind), (holder.pid(), LockKind::Posix));
-    assert_eq!(holder.locks().unwrap()[0].kind, HolderKind::Posix);
+    assert_eq!(holder.locks().unwrap()[0].kind, LockKind::Posix);
 }

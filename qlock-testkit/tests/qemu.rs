@@ -6,36 +6,30 @@
 //! section 9's decision procedure (`qlock_core::plan::decide`). Skipped when QEMU is absent.
 
 use std::path::Path;
-use std::process::Command;
 
 use qlock_core::plan::decide;
 use qlock_core::{LockSet, Perm};
 use qlock_core::{Others, Verdict};
-use qlock_testkit::fixtures::TempImage;
-use qlock_testkit::{Access, Error, FakeQemu, Format, FrontEnd};
+use qlock_testkit::newcomer::{self, Command, Newcomer};
+use qlock_testkit::{Access, Error, FakeQemu, Format, FrontEnd, TempImage};
 use rstest::rstest;
 
 fn have_qemu() -> bool {
-    ["qemu-img", "qemu-io", "qemu-storage-daemon"].iter().all(|p| {
-        let found = Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success());
-        if !found {
-            eprintln!("skipping: {p} not found on PATH");
-        }
-        found
-    })
+    qlock_testkit::require_all(&["qemu-img", "qemu-io", "qemu-storage-daemon"])
 }
 
-/// A newcomer: the real command and the front end whose access it asks for.
-const NEWCOMERS: [(FrontEnd, &[&str]); 4] = [
-    (FrontEnd::QemuImgInfo, &["qemu-img", "info"]),
-    (FrontEnd::QemuIoRw, &["qemu-io", "-c", "quit"]),
-    (FrontEnd::QemuIoReadOnly, &["qemu-io", "-r", "-c", "quit"]),
-    (FrontEnd::QemuIoForceShare, &["qemu-io", "-r", "-U", "-c", "quit"]),
-];
+/// The newcomers on `format`, from the catalogue: `qemu-img info` and `qemu-io` (rw, `-r`,
+/// `-r -U`).
+fn newcomers(format: Format) -> Vec<Newcomer> {
+    let picked =
+        |n: &Newcomer| matches!(n.command, Command::Io { .. } | Command::Info { force_share: false });
+    newcomer::all().into_iter().filter(|n| n.format == format && picked(n)).collect()
+}
 
 /// Runs a newcomer: `None` when it got in, else QEMU's `Failed to ...` text.
-fn run(cmd: &[&str], format: Format, image: &Path) -> Option<String> {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).args(["-f", format.as_str()]).arg(image).output().unwrap();
+fn run(n: &Newcomer, image: &Path) -> Option<String> {
+    let cmd = n.args(image, &image.with_extension("out")).unwrap();
+    let out = std::process::Command::new(&cmd[0]).args(&cmd[1..]).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() && !stderr.contains("Failed to") {
         return None;
@@ -64,7 +58,7 @@ fn real_qemu_reacts_to_fakes_as_to_the_real_front_end(#[values(Format::Qcow2, Fo
     for fe in FrontEnd::ALL {
         let Some(access) = fe.access(format) else { continue };
         let outcomes = |holder: &FakeQemu| -> Vec<Option<String>> {
-            let o = NEWCOMERS.iter().map(|(_, cmd)| run(cmd, format, image.path())).collect();
+            let o = newcomers(format).iter().map(|n| run(n, image.path())).collect();
             assert!(holder.pid() > 0);
             o
         };
@@ -79,9 +73,9 @@ fn real_qemu_reacts_to_fakes_as_to_the_real_front_end(#[values(Format::Qcow2, Fo
             Err(e) if e.is_skip() => {}
             Err(e) => panic!("{fe} on {format}: real holder failed: {e}"),
         }
-        for ((newcomer, cmd), got) in NEWCOMERS.iter().zip(&with_fake) {
-            let want = expected(access, newcomer.access(format).unwrap());
-            assert_eq!(got, &want, "{cmd:?} against a fake {fe} on {format}");
+        for (newcomer, got) in newcomers(format).iter().zip(&with_fake) {
+            let want = expected(access, newcomer.access.unwrap());
+            assert_eq!(got, &want, "{} against a fake {fe} on {format}", newcomer.label());
             refusals += usize::from(got.is_some());
         }
     }

@@ -14,8 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use qlock_async::{AsyncImageLock, Runtime};
-use qlock_core::CloseWatch;
-use qlock_core::{Access, Backoff, Error, LockOptions};
+use qlock_core::{Access, Backoff, LockOptions};
 use qlock_tokio::Tokio;
 
 const HOLDER: &str = "QLOCK_BENCH_HOLD";
@@ -209,41 +208,8 @@ async fn acquired_at<R: Runtime>(path: PathBuf, policy: Backoff) -> (Instant, Bo
     (Instant::now(), Box::new(guard))
 }
 
-/// qlock-tokio's runtime with the inotify hint switched off, and nothing else changed: the
-/// watch is closed (in the pool) instead of registered. The baseline of the hint's benefit,
-/// composed here rather than switched on in the library.
-enum NoHint {}
-
-impl Runtime for NoHint {
-    type Hint = <Tokio as Runtime>::Hint;
-
-    fn asyncify<T, F>(f: F) -> impl Future<Output = Result<T, Error>> + Send
-    where
-        F: FnOnce() -> Result<T, Error> + Send + 'static,
-        T: Send + 'static,
-    {
-        Tokio::asyncify(f)
-    }
-
-    fn drop_in_pool<T: Send + 'static>(value: T) {
-        Tokio::drop_in_pool(value);
-    }
-
-    fn register(watch: Option<CloseWatch>) -> Self::Hint {
-        if let Some(watch) = watch {
-            Tokio::drop_in_pool(watch);
-        }
-        Tokio::register(None)
-    }
-
-    fn unregister(hint: Self::Hint) -> Option<CloseWatch> {
-        Tokio::unregister(hint)
-    }
-
-    fn sleep(hint: &Self::Hint, delay: Duration) -> impl Future<Output = ()> + Send {
-        Tokio::sleep(hint, delay)
-    }
-}
+/// The baseline of the hint's benefit: the same runtime without it.
+type NoHint = qlock_async::testing::NoHint<Tokio>;
 
 fn threads() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

@@ -91,6 +91,11 @@ pub use status::inspect;
 /// [crate docs](crate#dropping-a-guard)).
 pub type ImageLock = qlock_async::AsyncImageLock<Tokio>;
 
+/// A whole image graph (backing files, external data files) locked as QEMU locks it, all
+/// nodes or none: [`qlock_async::AsyncChainLock`] on this runtime. One pool round trip per
+/// attempt; a dropped acquire or wait leaks no lock on any node.
+pub type ChainLock = qlock_async::AsyncChainLock<Tokio>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@ use qlock_testkit::RawLock;
 
 use crate::catalogue::{self, QemuHolder, QemuNewcomer, same_bytes};
 use crate::qemu::QemuBuild;
-use crate::run::{self, Running, Scratch, Verdict};
+use crate::run::{self, Outcome, Running, Scratch};
 
 /// A write lock on `byte`.
 const fn wr(byte: u64) -> RawLock {
@@ -59,9 +59,9 @@ pub const RAW_HOLDERS: &[(&str, &[RawLock])] = &[
 /// be kept running.
 const INFO_TWIN: &[RawLock] = &[RawLock::byte(201), RawLock::byte(203)];
 
-/// A row of the matrix.
+/// A row of the matrix: a process holding the image while the newcomers run.
 #[derive(Debug, Clone)]
-pub enum Holder {
+pub enum MatrixHolder {
     /// A QEMU front end.
     Qemu(QemuHolder),
     /// A testkit process holding a preset's access, taken the QEMU way.
@@ -80,13 +80,13 @@ pub enum Holder {
     },
 }
 
-impl Holder {
+impl MatrixHolder {
     /// Its row label.
     pub fn label(&self) -> String {
         match self {
-            Holder::Qemu(h) => h.label(),
-            Holder::Qlock { name, .. } => format!("qlock {name}"),
-            Holder::Raw { name, .. } => name.to_string(),
+            MatrixHolder::Qemu(h) => h.label(),
+            MatrixHolder::Qlock { name, .. } => format!("qlock {name}"),
+            MatrixHolder::Raw { name, .. } => name.to_string(),
         }
     }
 
@@ -94,16 +94,16 @@ impl Holder {
     /// their catalogued access, the `info` stand-in by `Access::INFO`.
     fn twin_access(&self) -> Option<Access> {
         match self {
-            Holder::Qemu(h) => Some(h.access),
-            Holder::Raw { locks, .. } if *locks == INFO_TWIN => Some(Access::INFO),
+            MatrixHolder::Qemu(h) => Some(h.access),
+            MatrixHolder::Raw { locks, .. } if *locks == INFO_TWIN => Some(Access::INFO),
             _ => None,
         }
     }
 }
 
-/// A column of the matrix.
+/// A column of the matrix: something that opens the image once.
 #[derive(Debug, Clone)]
-pub enum Newcomer {
+pub enum MatrixNewcomer {
     /// A QEMU front end.
     Qemu(QemuNewcomer),
     /// qlock in-process with `run`, checked as if it were the preset `name`.
@@ -117,12 +117,12 @@ pub enum Newcomer {
     },
 }
 
-impl Newcomer {
+impl MatrixNewcomer {
     /// Its column label.
     pub fn label(&self) -> String {
         match self {
-            Newcomer::Qemu(n) => n.label(),
-            Newcomer::Qlock { name, .. } => format!("qlock {name}"),
+            MatrixNewcomer::Qemu(n) => n.label(),
+            MatrixNewcomer::Qlock { name, .. } => format!("qlock {name}"),
         }
     }
 }
@@ -144,18 +144,18 @@ pub struct Report {
     /// Which build.
     pub build: String,
     /// Row labels.
-    pub holders: Vec<Holder>,
+    pub holders: Vec<MatrixHolder>,
     /// Column labels.
-    pub newcomers: Vec<Newcomer>,
+    pub newcomers: Vec<MatrixNewcomer>,
     /// `cells[h][n]`; `None` when the holder could not be started.
-    pub cells: Vec<Vec<Option<Verdict>>>,
-    /// The checks, in order.
-    pub checks: Vec<Check>,
+    pub cells: Vec<Vec<Option<Outcome>>>,
+    /// The pairs compared, in order.
+    pub pairs: Vec<Pair>,
 }
 
-/// One comparison.
+/// One comparison of two runs (or a holder's bytes) that must agree.
 #[derive(Debug, Clone)]
-pub struct Check {
+pub struct Pair {
     /// Whether both sides agree.
     pub ok: bool,
     /// The pair and, when failing, both messages.
@@ -166,14 +166,14 @@ pub struct Check {
 
 impl Report {
     /// Checks that disagree.
-    pub fn failures(&self) -> impl Iterator<Item = &Check> {
-        self.checks.iter().filter(|c| !c.ok)
+    pub fn failures(&self) -> impl Iterator<Item = &Pair> {
+        self.pairs.iter().filter(|c| !c.ok)
     }
 
     /// `compat: N/N agree (QEMU ...)`
     pub fn summary(&self) -> String {
-        let ok = self.checks.iter().filter(|c| c.ok).count();
-        format!("compat: {ok}/{} agree (QEMU {})", self.checks.len(), self.build)
+        let ok = self.pairs.iter().filter(|c| c.ok).count();
+        format!("compat: {ok}/{} agree (QEMU {})", self.pairs.len(), self.build)
     }
 
     /// The matrix, legend and disagreements, as printed by `cargo xtask compat`.
@@ -202,7 +202,7 @@ impl Report {
         for (h, holder) in self.holders.iter().enumerate() {
             let _ = write!(out, "{:width$} ", holder.label());
             for n in 0..self.newcomers.len() {
-                let sym = self.cells[h][n].as_ref().map_or('-', Verdict::symbol);
+                let sym = self.cells[h][n].as_ref().map_or('-', Outcome::symbol);
                 let mark = if bad.contains(&(h, n)) { '!' } else { ' ' };
                 let _ = write!(out, " {sym}{mark}");
             }
@@ -221,24 +221,24 @@ impl Report {
 
 /// The matrix for `build`: QEMU holders (VMs when it has qemu-system), qlock presets and
 /// foreign holders as rows; qlock presets then QEMU front ends as columns.
-pub fn matrix(build: &QemuBuild, opts: &Options) -> (Vec<Holder>, Vec<Newcomer>) {
+pub fn matrix(build: &QemuBuild, opts: &Options) -> (Vec<MatrixHolder>, Vec<MatrixNewcomer>) {
     let keep = |label: String| opts.only.is_empty() || opts.only.iter().any(|o| label.contains(o.as_str()));
-    let mut holders: Vec<Holder> = catalogue::holders()
+    let mut holders: Vec<MatrixHolder> = catalogue::holders()
         .into_iter()
         .filter(|h| !h.needs_system() || build.system.is_ok())
-        .map(Holder::Qemu)
+        .map(MatrixHolder::Qemu)
         .collect();
-    holders.extend(Access::PRESETS.iter().map(|p| Holder::Qlock { name: p.name, access: p.access }));
-    holders.extend(RAW_HOLDERS.iter().map(|(name, locks)| Holder::Raw { name, locks }));
+    holders.extend(Access::PRESETS.iter().map(|p| MatrixHolder::Qlock { name: p.name, access: p.access }));
+    holders.extend(RAW_HOLDERS.iter().map(|(name, locks)| MatrixHolder::Raw { name, locks }));
     holders.retain(|h| keep(h.label()));
-    let mut newcomers: Vec<Newcomer> = Access::PRESETS
+    let mut newcomers: Vec<MatrixNewcomer> = Access::PRESETS
         .iter()
         .map(|p| {
             let run = opts.mutate.iter().find(|(n, _)| n == p.name).map_or(p.access, |(_, a)| *a);
-            Newcomer::Qlock { name: p.name, claimed: p.access, run }
+            MatrixNewcomer::Qlock { name: p.name, claimed: p.access, run }
         })
         .collect();
-    newcomers.extend(catalogue::newcomers().into_iter().map(Newcomer::Qemu));
+    newcomers.extend(qlock_testkit::newcomer::all().into_iter().map(MatrixNewcomer::Qemu));
     newcomers.retain(|n| keep(n.label()));
     (holders, newcomers)
 }
@@ -248,7 +248,6 @@ pub fn matrix(build: &QemuBuild, opts: &Options) -> (Vec<Holder>, Vec<Newcomer>)
 /// # Errors
 /// When no scratch directory can be made.
 pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
-    run::become_subreaper();
     let (holders, newcomers) = matrix(build, opts);
     let tmp = tempfile::Builder::new().prefix("xtask-compat-").tempdir().map_err(|e| e.to_string())?;
     let next = Mutex::new(0usize);
@@ -274,7 +273,7 @@ pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
     let rows: Vec<Row> = rows.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect();
     let checks = derive_checks(&holders, &newcomers, &rows);
     let cells = rows.into_iter().map(|r| r.cells).collect();
-    Ok(Report { build: build.label(), holders, newcomers, cells, checks })
+    Ok(Report { build: build.label(), holders, newcomers, cells, pairs: checks })
 }
 
 /// One holder's results.
@@ -284,10 +283,10 @@ struct Row {
     holder_error: Option<String>,
     /// The bytes check, for QEMU and qlock holders: what was wrong.
     bytes: Option<Result<(), String>>,
-    cells: Vec<Option<Verdict>>,
+    cells: Vec<Option<Outcome>>,
 }
 
-fn run_row(build: &QemuBuild, holder: &Holder, newcomers: &[Newcomer], dir: PathBuf) -> Row {
+fn run_row(build: &QemuBuild, holder: &MatrixHolder, newcomers: &[MatrixNewcomer], dir: PathBuf) -> Row {
     let mut row = Row { holder_error: None, bytes: None, cells: vec![None; newcomers.len()] };
     let scratch = Scratch { image: dir.join("disk.qcow2"), dir: dir.clone() };
     if let Err(e) = std::fs::create_dir_all(&dir)
@@ -299,15 +298,15 @@ fn run_row(build: &QemuBuild, holder: &Holder, newcomers: &[Newcomer], dir: Path
     }
     // What qlock itself holds for a preset, before its testkit stand-in takes the image.
     let qlock_held = match holder {
-        Holder::Qlock { access, .. } => Some(run::qlock_holds(*access, &scratch)),
+        MatrixHolder::Qlock { access, .. } => Some(run::qlock_holds(*access, &scratch)),
         _ => None,
     };
     let started: Result<Running, String> = match holder {
-        Holder::Qemu(h) => run::start_qemu(build, h, &scratch),
-        Holder::Qlock { access, .. } => {
+        MatrixHolder::Qemu(h) => run::start_qemu(build, h, &scratch),
+        MatrixHolder::Qlock { access, .. } => {
             run::start_testkit(build.holder(&scratch.image).access(*access), false).map_err(|e| e.to_string())
         }
-        Holder::Raw { locks, .. } => {
+        MatrixHolder::Raw { locks, .. } => {
             run::start_testkit(build.holder(&scratch.image).raw(locks.iter().copied()), false)
                 .map_err(|e| e.to_string())
         }
@@ -320,9 +319,9 @@ fn run_row(build: &QemuBuild, holder: &Holder, newcomers: &[Newcomer], dir: Path
         }
     };
     let expected = match holder {
-        Holder::Qemu(h) => Some(h.access),
-        Holder::Qlock { access, .. } => Some(*access),
-        Holder::Raw { .. } => None,
+        MatrixHolder::Qemu(h) => Some(h.access),
+        MatrixHolder::Qlock { access, .. } => Some(*access),
+        MatrixHolder::Raw { .. } => None,
     };
     if let Some(access) = expected {
         let want = lockset(access);
@@ -343,8 +342,8 @@ fn run_row(build: &QemuBuild, holder: &Holder, newcomers: &[Newcomer], dir: Path
     let image = scratch.image.display().to_string();
     for (i, n) in newcomers.iter().enumerate() {
         let verdict = match n {
-            Newcomer::Qemu(q) => run::run_qemu(build, q, &scratch),
-            Newcomer::Qlock { run, .. } => run::run_qlock(*run, &scratch),
+            MatrixNewcomer::Qemu(q) => run::run_qemu(build, q, &scratch),
+            MatrixNewcomer::Qlock { run, .. } => run::run_qlock(*run, &scratch),
         };
         // Each holder has its own image: name it IMAGE so that rows compare. A message naming
         // another path keeps it, and still disagrees.
@@ -358,23 +357,23 @@ fn lockset(a: Access) -> LockSet {
     a.lock_set(Perm::ALL)
 }
 
-fn derive_checks(holders: &[Holder], newcomers: &[Newcomer], rows: &[Row]) -> Vec<Check> {
+fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &[Row]) -> Vec<Pair> {
     let mut checks = Vec::new();
     let cell = |h: usize, n: usize| rows[h].cells[n].as_ref();
     for (h, holder) in holders.iter().enumerate() {
         let row = &rows[h];
         if let Some(e) = &row.holder_error {
-            checks.push(Check { ok: false, detail: e.clone(), cells: vec![] });
+            checks.push(Pair { ok: false, detail: e.clone(), cells: vec![] });
             continue;
         }
         match &row.bytes {
-            Some(Ok(())) => checks.push(Check { ok: true, detail: String::new(), cells: vec![] }),
-            Some(Err(detail)) => checks.push(Check { ok: false, detail: detail.clone(), cells: vec![] }),
+            Some(Ok(())) => checks.push(Pair { ok: true, detail: String::new(), cells: vec![] }),
+            Some(Err(detail)) => checks.push(Pair { ok: false, detail: detail.clone(), cells: vec![] }),
             None => {}
         }
         for (n, newcomer) in newcomers.iter().enumerate() {
-            if let Some(Verdict::Failed(m)) = cell(h, n) {
-                checks.push(Check {
+            if let Some(Outcome::Failed(m)) = cell(h, n) {
+                checks.push(Pair {
                     ok: false,
                     detail: format!(
                         "holder {}, newcomer {}: could not run: {m}",
@@ -388,9 +387,9 @@ fn derive_checks(holders: &[Holder], newcomers: &[Newcomer], rows: &[Row]) -> Ve
     }
     // qlock newcomers against every holder: their verdict is that of each QEMU twin newcomer.
     for (p, qn) in newcomers.iter().enumerate() {
-        let Newcomer::Qlock { name, claimed, .. } = qn else { continue };
+        let MatrixNewcomer::Qlock { name, claimed, .. } = qn else { continue };
         for (t, twin) in newcomers.iter().enumerate() {
-            let Newcomer::Qemu(q) = twin else { continue };
+            let MatrixNewcomer::Qemu(q) = twin else { continue };
             if !q.access.is_some_and(|a| same_bytes(a, *claimed)) {
                 continue;
             }
@@ -407,7 +406,7 @@ fn derive_checks(holders: &[Holder], newcomers: &[Newcomer], rows: &[Row]) -> Ve
     }
     // qlock holders: every newcomer sees them as it sees each QEMU holder with the same access.
     for (q, qh) in holders.iter().enumerate() {
-        let Holder::Qlock { name, access } = qh else { continue };
+        let MatrixHolder::Qlock { name, access } = qh else { continue };
         for (t, twin) in holders.iter().enumerate() {
             if !twin.twin_access().is_some_and(|a| same_bytes(a, *access)) {
                 continue;
@@ -426,12 +425,12 @@ fn derive_checks(holders: &[Holder], newcomers: &[Newcomer], rows: &[Row]) -> Ve
     checks
 }
 
-fn compare(pair: String, a: (&str, &Verdict), b: (&str, &Verdict), cells: Vec<(usize, usize)>) -> Check {
+fn compare(pair: String, a: (&str, &Outcome), b: (&str, &Outcome), cells: Vec<(usize, usize)>) -> Pair {
     let ok = a.1.agrees(b.1);
     let detail = if ok {
         pair
     } else {
         format!("{pair}\n    {}: {}\n    {}: {}", a.0, a.1.describe(), b.0, b.1.describe())
     };
-    Check { ok, detail, cells }
+    Pair { ok, detail, cells }
 }

@@ -28,6 +28,11 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The two-host GlusterFS test bed (root): up, down [ID...], status.
+    Gluster {
+        #[command(subcommand)]
+        action: GlusterAction,
+    },
     /// Everything CI runs: fmt, clippy, tests, docs, compat.
     Ci {
         /// Skip these steps (fmt, clippy, test, doc, compat); repeatable.
@@ -36,6 +41,20 @@ enum Task {
         #[command(flatten)]
         compat: CompatArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum GlusterAction {
+    /// Start a bed and leave it running; prints its mounts and id.
+    Up {
+        /// `gluster volume set` before the volume starts, e.g. client.strict-locks=on; repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        options: Vec<String>,
+    },
+    /// Tear down these beds (default: every bed found).
+    Down { ids: Vec<String> },
+    /// List the beds and what they have mounted and running.
+    Status,
 }
 
 #[derive(clap::Args, Clone)]
@@ -67,6 +86,14 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Compat(args) => compat_main(&args),
         Task::Bench { strict, args } => xtask::bench::run(&args, strict),
+        Task::Gluster { action } => match action {
+            GlusterAction::Up { options } => xtask::gluster::up(&options),
+            GlusterAction::Down { ids } => xtask::gluster::down(&ids),
+            GlusterAction::Status => {
+                xtask::gluster::status();
+                Ok(())
+            }
+        },
         Task::Ci { skip, compat: args } => xtask::ci::run_cargo_steps(&skip).and_then(|()| {
             if skip.iter().any(|s| s == "compat") {
                 return Ok(());

@@ -4,7 +4,7 @@
 use qlock_core::Access;
 use xtask::compat::{self, Options};
 use xtask::qemu::QemuBuild;
-use xtask::run::Verdict;
+use xtask::run::Outcome;
 
 fn options(mutate: Vec<(String, Access)>) -> Options {
     Options {
@@ -26,13 +26,13 @@ fn the_real_presets_agree_with_qemu() {
     assert_eq!(report.failures().count(), 0, "{}", report.render());
     // The slice holds real conflicts, not only grants: qemu-io -r meets a qemu-io writer.
     let refused =
-        report.cells.iter().flatten().flatten().filter(|v| matches!(v, Verdict::Refused(_))).count();
+        report.cells.iter().flatten().flatten().filter(|v| matches!(v, Outcome::Refused(_))).count();
     assert!(refused >= 6, "{}", report.render());
     // Filters match substrings, so `qlock write` brings `qlock write-shared` (whose twins are
     // raw front ends, left out): 5 holders x 5 newcomers. Checks: qlock read and write
     // newcomers x 1 twin x 5 holders, the same two as holders x 1 twin x 5 newcomers, and the
     // bytes of 5 holders.
-    assert_eq!(report.checks.len(), 10 + 10 + 5, "{}", report.render());
+    assert_eq!(report.pairs.len(), 10 + 10 + 5, "{}", report.render());
     assert!(report.summary().starts_with("compat: 25/25 agree"), "{}", report.summary());
 }
 

@@ -19,15 +19,12 @@ use std::process::{Command, Output};
 
 use qlock_core::LockSet;
 use qlock_core::inspect;
-use qlock_testkit::{FakeQemu, Format, FrontEnd};
+use qlock_testkit::{FakeQemu, Format, FrontEnd, NbdServer};
 use xtask::qemu::QemuBuild;
 
 /// Skips (or fails under `CI=true`) when a QEMU build cannot be had.
 fn unavailable(what: &str, why: &str) {
-    if std::env::var_os("CI").is_some_and(|v| v == "true") {
-        panic!("{what} is required under CI=true: {why}");
-    }
-    eprintln!("SKIPPED: {what}: {why}");
+    qlock_testkit::skip(format_args!("{what}: {why}"));
 }
 
 /// The builds to observe: PATH (required) and bookworm's 7.2 when it can be had.
@@ -161,96 +158,39 @@ fn graphs(build: &QemuBuild, root: &Path) -> Vec<Graph> {
     out
 }
 
-/// A holder process: a qlock-testkit real front end, or a `qemu-nbd --fork` daemon.
-enum Running {
-    Testkit(FakeQemu),
-    Nbd(i32),
-}
-
-impl Running {
-    fn pid(&self) -> u32 {
-        match self {
-            Running::Testkit(h) => h.pid(),
-            Running::Nbd(pid) => u32::try_from(*pid).unwrap(),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Running::Nbd(pid) = self {
-            let pid = nix::unistd::Pid::from_raw(*pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(pid, None);
-        }
-    }
-}
-
-/// The holders of the table: how each is started on a top image.
-#[derive(Clone, Copy)]
-enum HolderKind {
-    FrontEnd(&'static str, FrontEnd),
-    Nbd(&'static str, bool),
-}
-
-const HOLDERS: [HolderKind; 12] = [
-    HolderKind::FrontEnd("qemu-io -f qcow2 top", FrontEnd::QemuIoRw),
-    HolderKind::FrontEnd("qemu-io -r -f qcow2 top", FrontEnd::QemuIoReadOnly),
-    HolderKind::FrontEnd("qemu-io -r -U -f qcow2 top", FrontEnd::QemuIoForceShare),
-    HolderKind::FrontEnd("q-s-d export writable=on", FrontEnd::QemuNbdRw),
-    HolderKind::FrontEnd("q-s-d export writable=off (read-only=on)", FrontEnd::QemuNbdReadOnly),
-    HolderKind::FrontEnd("q-s-d --blockdev, no user", FrontEnd::StorageDaemonBlockdev),
-    HolderKind::FrontEnd("q-s-d --blockdev overlay over top", FrontEnd::BackingFile),
-    HolderKind::FrontEnd("qemu-system -drive (VmDisk)", FrontEnd::VmDisk),
-    HolderKind::FrontEnd("qemu-system -drive share-rw=on", FrontEnd::VmDiskShareRw),
-    HolderKind::FrontEnd("qemu-system -drive readonly=on", FrontEnd::VmDiskReadonly),
-    HolderKind::Nbd("qemu-nbd -f qcow2 top", false),
-    HolderKind::Nbd("qemu-nbd -r -f qcow2 top", true),
+/// The holders of the table: a label and the front end run for real on a top image (the NBD
+/// ones as a qemu-storage-daemon export, or as `qemu-nbd` itself when the label says so).
+const HOLDERS: [(&str, FrontEnd); 12] = [
+    ("qemu-io -f qcow2 top", FrontEnd::QemuIoRw),
+    ("qemu-io -r -f qcow2 top", FrontEnd::QemuIoReadOnly),
+    ("qemu-io -r -U -f qcow2 top", FrontEnd::QemuIoForceShare),
+    ("q-s-d export writable=on", FrontEnd::QemuNbdRw),
+    ("q-s-d export writable=off (read-only=on)", FrontEnd::QemuNbdReadOnly),
+    ("q-s-d --blockdev, no user", FrontEnd::StorageDaemonBlockdev),
+    ("q-s-d --blockdev overlay over top", FrontEnd::BackingFile),
+    ("qemu-system -drive (VmDisk)", FrontEnd::VmDisk),
+    ("qemu-system -drive share-rw=on", FrontEnd::VmDiskShareRw),
+    ("qemu-system -drive readonly=on", FrontEnd::VmDiskReadonly),
+    ("qemu-nbd -f qcow2 top", FrontEnd::QemuNbdRw),
+    ("qemu-nbd -r -f qcow2 top", FrontEnd::QemuNbdReadOnly),
 ];
 
-impl HolderKind {
-    fn label(self) -> &'static str {
-        match self {
-            HolderKind::FrontEnd(l, _) | HolderKind::Nbd(l, _) => l,
-        }
+/// Starts a holder of the table on `top`; `Ok(None)` when this build cannot run it (no
+/// qemu-system).
+fn start(build: &QemuBuild, (label, fe): (&str, FrontEnd), top: &Path) -> Result<Option<FakeQemu>, String> {
+    if matches!(fe, FrontEnd::VmDisk | FrontEnd::VmDiskShareRw | FrontEnd::VmDiskReadonly)
+        && build.system.is_err()
+    {
+        return Ok(None);
     }
-
-    /// Starts the holder on `top`; `Ok(None)` when this build cannot run it (no qemu-system).
-    fn start(self, build: &QemuBuild, top: &Path, scratch: &Path) -> Result<Option<Running>, String> {
-        match self {
-            HolderKind::FrontEnd(_, fe) => {
-                if matches!(fe, FrontEnd::VmDisk | FrontEnd::VmDiskShareRw | FrontEnd::VmDiskReadonly)
-                    && build.system.is_err()
-                {
-                    return Ok(None);
-                }
-                build
-                    .holder(top)
-                    .front_end(fe, Format::Qcow2)
-                    .spawn_real()
-                    .map(|h| Some(Running::Testkit(h)))
-                    .map_err(|e| e.to_string())
-            }
-            HolderKind::Nbd(_, read_only) => {
-                // The daemon's parent exits once the export is up; as a subreaper this process
-                // adopts the daemon and can reap it.
-                nix::sys::prctl::set_child_subreaper(true).expect("become a child subreaper");
-                let pid_file = scratch.join("nbd.pid");
-                let _ = std::fs::remove_file(&pid_file);
-                let mut cmd = build.command("qemu-nbd");
-                cmd.arg("--fork").arg("--pid-file").arg(&pid_file).arg("-k").arg(scratch.join("nbd.sock"));
-                if read_only {
-                    cmd.arg("-r");
-                }
-                let out = run(cmd.args(["-f", "qcow2"]).arg(top));
-                if !out.status.success() {
-                    return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
-                }
-                let pid = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
-                Ok(Some(Running::Nbd(pid)))
-            }
-        }
-    }
+    let nbd = if label.starts_with("qemu-nbd") { NbdServer::QemuNbd } else { NbdServer::StorageDaemon };
+    build
+        .holder(top)
+        .front_end(fe, Format::Qcow2)
+        .nbd_server(nbd)
+        .spawn_real()
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// `100 101 103 | 201 203`, or `-` for nothing at all.
@@ -277,22 +217,22 @@ fn observe(graph: &Graph, pid: u32) -> Vec<String> {
 /// The observed table of one build: `holder | graph | node | bytes` lines.
 fn observe_build(build: &QemuBuild) -> String {
     let root = tempfile::tempdir().unwrap();
-    let scratch = tempfile::tempdir().unwrap();
     let graphs = graphs(build, root.path());
     let mut table = String::new();
     for holder in HOLDERS {
+        let label = holder.0;
         for graph in &graphs {
             let top = &graph.nodes[0].1;
-            let running = match holder.start(build, top, scratch.path()) {
+            let running = match start(build, holder, top) {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
                 Err(e) => {
-                    let _ = writeln!(table, "{} | {} | - | refused: {e}", holder.label(), graph.name);
+                    let _ = writeln!(table, "{} | {} | - | refused: {e}", label, graph.name);
                     continue;
                 }
             };
             for ((role, _), bytes) in graph.nodes.iter().zip(observe(graph, running.pid())) {
-                let _ = writeln!(table, "{} | {} | {role} | {bytes}", holder.label(), graph.name);
+                let _ = writeln!(table, "{} | {} | {role} | {bytes}", label, graph.name);
             }
         }
     }

@@ -3,8 +3,8 @@
 //!
 //! Each async crate's `tests/locks.rs` implements [`Harness`] for its runtime(s) and calls
 //! [`scenario_tests!`](crate::scenario_tests), which defines one `#[test]` per scenario running
-//! it on every harness named, in order, plus the `child_process` test that the child roles
-//! (`probe`, `contend`) run in. The guard under test is
+//! it on every harness named, in order, plus the `child_role` test that the child roles
+//! (`inspect`, `contend`) run in. The guard under test is
 //! [`AsyncImageLock<H::R>`](crate::AsyncImageLock), which is exactly the crate's `ImageLock`. Holders are real processes (a real `qemu-io`, other test processes), and what is
 //! held is checked from yet another process ([`held_from_another_process`]).
 
@@ -18,9 +18,10 @@ use std::time::Duration;
 use qlock_core::{Access, Backoff, Error, ImageStatus, LockOptions, LockSet, Perm};
 use qlock_testkit::{FakeQemu, RawLock};
 
+use qlock_testkit::reexec;
+
 use super::{
-    Rng, child_report, held_from_another_process, holders_from_another_process, image, qemu_io_can_write,
-    qemu_io_rw, spawn_child,
+    Rng, held_from_another_process, holders_from_another_process, image, qemu_io_can_write, qemu_io_rw,
 };
 use crate::{AsyncImageLock, Runtime};
 
@@ -47,14 +48,14 @@ pub trait Harness {
 }
 
 /// Defines the scenarios as `#[test]`s, each running on every harness given, in order, and the
-/// `child_process` test the child roles run in. Invoke it once, at the root of a test file.
+/// `child_role` test the child roles run in. Invoke it once, at the root of a test file.
 #[macro_export]
 macro_rules! scenario_tests {
     ($($h:ty),+ $(,)?) => {
-        /// Child roles run by re-executing this binary (see `qlock_async::testing::spawn_child`).
+        /// Not a test: child roles run by re-executing this binary (`qlock_testkit::reexec`).
         #[test]
-        fn child_process() {
-            $crate::testing::scenarios::child_process(&[$((<$h as $crate::testing::scenarios::Harness>::NAME,
+        fn child_role() {
+            $crate::testing::scenarios::child_role(&[$((<$h as $crate::testing::scenarios::Harness>::NAME,
                 $crate::testing::scenarios::contend_role::<$h> as fn())),+]);
         }
 
@@ -64,10 +65,12 @@ macro_rules! scenario_tests {
             the_inotify_hint_ends_a_long_backoff_sleep_when_the_holder_exits,
             an_expiring_deadline_names_the_holders_and_leaves_nothing_held,
             a_cancelled_access_change_keeps_the_old_locks,
+            the_chain_guard_locks_every_node_and_a_cancelled_acquire_leaks_none,
         );
 
         #[test]
         fn random_cancellations_keep_the_old_or_the_new_access() {
+            let _serial = $crate::testing::serial();
             let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
             $($crate::testing::scenarios::random_cancellations_keep_the_old_or_the_new_access::<$h>(
                 $crate::testing::scenarios::STORM / runs);)+
@@ -75,6 +78,7 @@ macro_rules! scenario_tests {
 
         #[test]
         fn cancellation_torture_leaks_no_lock() {
+            let _serial = $crate::testing::serial();
             let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
             $($crate::testing::scenarios::cancellation_torture_leaks_no_lock::<$h>(
                 $crate::testing::scenarios::TORTURE / runs);)+
@@ -82,6 +86,7 @@ macro_rules! scenario_tests {
 
         #[test]
         fn contending_processes_never_overlap_and_all_finish() {
+            let _serial = $crate::testing::serial();
             $crate::testing::scenarios::contending_processes_never_overlap_and_all_finish(&[
                 $(<$h as $crate::testing::scenarios::Harness>::NAME),+
             ]);
@@ -108,18 +113,19 @@ fn quick() -> Backoff {
     Backoff::default().with_initial(Duration::from_micros(200)).with_max(Duration::from_millis(5))
 }
 
-/// The body of `child_process`: runs the role this process was started for, if any; `contend`
-/// runs on the runtime named by `QLOCK_RT` among `runtimes`.
-pub fn child_process(runtimes: &[(&str, fn())]) {
-    match std::env::var(super::ROLE).as_deref() {
-        Ok("probe") => super::probe_role(),
-        Ok("contend") => {
-            let rt = std::env::var("QLOCK_RT").unwrap();
-            let (_, role) = runtimes.iter().find(|(name, _)| *name == rt).expect("unknown QLOCK_RT");
-            role()
+/// The body of `child_role`: runs the role this process was started for, if any: the
+/// testkit's standard ones (`inspect`), and `contend` on the runtime named by `QLOCK_RT` among
+/// `runtimes`.
+pub fn child_role(runtimes: &[(&str, fn())]) {
+    reexec::run_role(|role| {
+        if reexec::standard_role(role) {
+            return;
         }
-        _ => {}
-    }
+        assert_eq!(role, "contend", "unknown role");
+        let rt = std::env::var("QLOCK_RT").unwrap();
+        let (_, contend) = runtimes.iter().find(|(name, _)| *name == rt).expect("unknown QLOCK_RT");
+        contend()
+    });
 }
 
 /// The `contend` role: loops on `write` for one image, checking through the oracle file that it
@@ -155,7 +161,7 @@ pub fn contend_role<H: Harness>() {
         }
         (done, overlaps)
     });
-    println!("QLOCK:done {done} overlaps {overlaps}");
+    reexec::say(&format!("done {done} overlaps {overlaps}"));
 }
 
 /// Conflicts name a real `qemu-io`; a force-share reader cannot upgrade while it writes, and
@@ -505,11 +511,93 @@ pub fn contending_processes_never_overlap_and_all_finish(runtimes: &[&str]) {
                 ("QLOCK_ORACLE", oracle.display().to_string()),
                 ("QLOCK_ITERS", ITERS.to_string()),
             ];
-            spawn_child("contend", &env)
+            reexec::Child::spawn("contend", &env)
         })
         .collect();
     for child in children {
-        assert_eq!(child_report(child), [format!("done {ITERS} overlaps 0")]);
+        assert_eq!(child.finish(), [format!("done {ITERS} overlaps 0")]);
     }
     assert!(held_from_another_process(&path).0.is_empty());
+}
+
+/// `top.qcow2` over `base.qcow2`, made by the real `qemu-img`.
+fn chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img").current_dir(dir).args(args).output().unwrap();
+        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+    run(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    (dir.join("top.qcow2"), dir.join("base.qcow2"))
+}
+
+type Chain<H> = crate::AsyncChainLock<<H as Harness>::R>;
+
+/// The async chain guard: a real `qemu-io` writing the base refuses a reader of the overlay
+/// with QEMU's message and prefix, naming it; a timed-out wait names it too; once it quits,
+/// the waiter holds `qemu-io -r`'s bytes on both nodes; and acquires and waits cancelled after
+/// any number of polls leave nothing held on any node, as another process sees.
+pub fn the_chain_guard_locks_every_node_and_a_cancelled_acquire_leaks_none<H: Harness>() {
+    let dir = tempfile::tempdir().unwrap();
+    let (top, base) = chain(dir.path());
+    let opts = LockOptions::default();
+    let mut vm =
+        qlock_testkit::FakeQemu::real(&base, qlock_testkit::FrontEnd::QemuIoRw, qlock_testkit::Format::Qcow2)
+            .unwrap_or_else(|e| panic!("real qemu-io: {e}"));
+    H::block_on(async {
+        let err = Chain::<H>::acquire(&top, Access::READ, &opts).await.unwrap_err();
+        assert!(
+            err.to_string().starts_with("Could not open backing file: Failed to get shared \"write\" lock"),
+            "{err}"
+        );
+        assert_eq!(err.conflict().unwrap().holders[0].pid, vm.pid());
+        let short = quick().with_timeout(Duration::from_millis(30));
+        let err = Chain::<H>::acquire_wait(&top, Access::READ, &opts, &short).await.unwrap_err();
+        assert!(matches!(err, qlock_core::graph::ChainError::TimedOut { .. }), "{err}");
+        assert_eq!(err.conflict().unwrap().holders[0].pid, vm.pid());
+    });
+    for p in [&top, &base] {
+        let (_, pids) = held_from_another_process(p);
+        assert!(!pids.contains(&std::process::id()), "{}: the refused chain left a lock", p.display());
+    }
+    assert!(vm.release().unwrap().success(), "qemu-io quit");
+    let (mut done, mut cancelled) = (0, 0);
+    H::block_on(async {
+        let guard = Chain::<H>::acquire_wait(&top, Access::READ, &opts, &quick()).await.unwrap();
+        let held: Vec<String> = guard.held().iter().map(ToString::to_string).collect();
+        assert_eq!(held, ["100 | 201 203", "100 | 201 203"]);
+        guard.release().await.unwrap();
+        for polls in 0..40 {
+            let access = Access::PRESETS[polls as usize % Access::PRESETS.len()].access;
+            let fast = quick();
+            let r = match polls % 4 {
+                0 => {
+                    CancelAfter { fut: Box::pin(Chain::<H>::acquire(&top, access, &opts)), polls: polls / 4 }
+                        .await
+                }
+                1 => {
+                    let f = Chain::<H>::acquire_wait(&top, access, &opts, &fast);
+                    CancelAfter { fut: Box::pin(f), polls: polls / 4 }.await
+                }
+                // Cut by the runtime's timer somewhere inside the pool hop.
+                2 => {
+                    H::timeout(Duration::from_micros(polls * 50), Chain::<H>::acquire(&top, access, &opts))
+                        .await
+                }
+                _ => Some(Chain::<H>::acquire_wait(&top, access, &opts, &fast).await),
+            };
+            match r {
+                None => cancelled += 1,
+                Some(r) => {
+                    drop(r.unwrap());
+                    done += 1;
+                }
+            }
+        }
+    });
+    // block_on has waited for every closure still running on the pool.
+    assert!(cancelled > 0 && done > 0, "done {done}, cancelled {cancelled}");
+    for p in [&top, &base] {
+        assert_eq!(held_from_another_process(p), (LockSet::EMPTY, vec![]), "{}", p.display());
+    }
 }

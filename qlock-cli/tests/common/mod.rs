@@ -7,30 +7,9 @@ use std::process::{Child, Command, Output};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use qlock_testkit::fixtures::TempImage;
-use qlock_testkit::{FakeQemu, Format, FrontEnd};
+use qlock_testkit::{FakeQemu, Format, FrontEnd, TempImage};
 
 pub const QLOCK: &str = env!("CARGO_BIN_EXE_qlock");
-
-pub fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
-}
-
-/// Skips the test (with a message) when QEMU's tools are not installed; under `CI=true` a
-/// missing QEMU fails the test instead, so CI cannot go green without running it.
-#[macro_export]
-macro_rules! need_qemu {
-    () => {
-        if !common::have("qemu-io") || !common::have("qemu-img") {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "qemu-io / qemu-img not on PATH under CI=true (install qemu-utils)"
-            );
-            eprintln!("skipped: qemu-io / qemu-img not on PATH (install qemu-utils)");
-            return;
-        }
-    };
-}
 
 pub fn qcow2() -> TempImage {
     TempImage::new(Format::Qcow2).expect("qemu-img create")

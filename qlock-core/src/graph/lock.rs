@@ -50,7 +50,8 @@ pub struct ChainLock {
 /// What the guard was asked for, to recompute every node's access.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
-    /// An access on the top, read the safer way below it ([`rules::node_access`]).
+    /// An access on the top, read below it as the front end it is named after
+    /// ([`rules::node_access`]).
     Top(Access),
     /// A front end's precise user ([`User::node`] on every node).
     User(User),
@@ -59,6 +60,15 @@ enum Want {
 impl Want {
     /// The accesses of the first pass and the final one for a node.
     fn passes(self, role: Role, format: Format) -> (Access, Access) {
+        let user = match self {
+            Want::Top(a) => User::for_access(a),
+            Want::User(u) => u,
+        };
+        if role != Role::Top && !user.opens_chain() {
+            // `qemu-img info` opens the top alone: nothing below it.
+            let nothing = Access::NONE;
+            return (nothing, nothing);
+        }
         match self {
             Want::Top(a) => (rules::opening_access(a, role, format), rules::node_access(a, role, format)),
             Want::User(u) => (u.detached().node(role, format), u.node(role, format)),
@@ -68,8 +78,13 @@ impl Want {
 
 impl ChainLock {
     /// Opens `path` (its format probed, as QEMU does without `-f`), discovers its graph and
-    /// takes `access` on the top and, on every other node, what QEMU takes there for a user
-    /// asking `access` ([`rules::node_access`]: the safer reading of the presets).
+    /// takes `access` on the top and, on every other node, what the QEMU front end the preset
+    /// is named after takes there ([`User::for_access`]): `write` holds what `qemu-io` holds
+    /// (a raw backing file then refuses nothing, the data file only resize), `read` what
+    /// `qemu-io -r` holds, `force-share` what `qemu-io -r -U` holds, and `info` the top alone,
+    /// as `qemu-img info`. A VM disk refuses more on raw leaves (`100 | 201 203` on a raw
+    /// backing file, write refused on the data file): to stand in for one, use
+    /// [`ChainLock::lock_as`] with [`User::VM_DISK`].
     ///
     /// # Errors
     /// [`ChainError`]: discovery errors, or [`ChainError::Node`] naming the node that refused
@@ -80,7 +95,12 @@ impl ChainLock {
         access: Access,
         options: &LockOptions,
     ) -> Result<ChainLock, ChainError> {
-        ChainLock::lock(Chain::open(path, options)?, access)
+        let chain = if User::for_access(access).opens_chain() {
+            Chain::open(path, options)?
+        } else {
+            Chain::open_top(path, options)?
+        };
+        ChainLock::lock(chain, access)
     }
 
     /// Locks an already discovered chain for `access` on its top (see [`ChainLock::acquire`]).
@@ -89,6 +109,31 @@ impl ChainLock {
     /// [`ChainError::Node`]; nothing is left locked on any node.
     pub fn lock(chain: Chain, access: Access) -> Result<ChainLock, ChainError> {
         ChainLock::take(chain.into_nodes(), Want::Top(access))
+    }
+
+    /// Locks an already discovered chain for `access` on its top, then `then` in order:
+    /// `(index, access)` raising node `index` (discovery order) while everything else is
+    /// held, as QEMU does when it reopens a node (`qemu-img commit` reopens the base for
+    /// writing). Used by [`crate::graph::op`].
+    ///
+    /// # Errors
+    /// [`ChainError::Node`] (the open) or, for a later step, the step's index and its error.
+    /// Nothing is left locked on any node.
+    pub(crate) fn lock_steps(
+        chain: Chain,
+        user: User,
+        then: &[(usize, Access)],
+    ) -> Result<ChainLock, (Option<usize>, ChainError)> {
+        let mut lock = ChainLock::take(chain.into_nodes(), Want::User(user)).map_err(|e| (None, e))?;
+        for (step, &(index, access)) in then.iter().enumerate() {
+            let Some(node) = lock.nodes.get_mut(index) else { continue };
+            if let Err(e) = node.image.set_access(access) {
+                let err = ChainError::node(node, false, e);
+                release_all(lock.nodes);
+                return Err((Some(step), err));
+            }
+        }
+        Ok(lock)
     }
 
     /// Locks an already discovered chain exactly as the front end `user` does, the top
@@ -150,6 +195,14 @@ impl ChainLock {
     }
 
     fn take(mut nodes: Vec<Node>, want: Want) -> Result<ChainLock, ChainError> {
+        let user = match want {
+            Want::Top(a) => User::for_access(a),
+            Want::User(u) => u,
+        };
+        if !user.opens_chain() {
+            // `qemu-img info`: the top alone; the other nodes are closed unlocked.
+            nodes.truncate(1);
+        }
         let passes: Vec<(Access, Access)> = nodes.iter().map(|n| want.passes(n.role, n.format)).collect();
         let mut failure = None;
         for (node, (first, _)) in nodes.iter_mut().zip(&passes) {
@@ -186,6 +239,12 @@ impl ChainLock {
     /// The top image.
     pub fn top(&self) -> &Node {
         &self.nodes[0]
+    }
+
+    /// The guard's nodes as plain image guards, top first, each keeping its locks: for a
+    /// caller that manages descriptors itself (`qlock run` hands them to its command).
+    pub fn into_images(self) -> Vec<crate::ImageLock> {
+        self.nodes.into_iter().map(|n| n.image).collect()
     }
 
     /// The bytes held on each node, top first.
@@ -296,7 +355,8 @@ impl ChainError {
 
 impl Retry for ChainError {
     fn is_retryable(&self) -> bool {
-        matches!(self, ChainError::Node { source, .. } if source.is_conflict())
+        // A conflict on a node, not a timeout that carries one: a timeout ends the wait.
+        matches!(self, ChainError::Node { source, .. } if matches!(**source, Error::Conflict(_)))
     }
 
     fn timed_out(self, waited: Duration) -> ChainError {
@@ -351,9 +411,9 @@ mod tests {
             lock.nodes().iter().map(|n| (n.path().to_path_buf(), n.image.held().to_string())).collect();
         let want = [
             "100 101 103 | 201 203", // top
-            "100 101 103 | 201 203", // data file, as under a VM disk
+            "100 101 103 | 203",     // data file, as under qemu-io
             "100 | 201 203",         // mid.qcow2
-            "100 | 201 203",         // base.raw, as under a VM disk
+            "100 | -",               // base.raw, as under qemu-io
         ];
         assert_eq!(got.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), paths);
         assert_eq!(got.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>(), want);
@@ -408,10 +468,7 @@ mod tests {
         drop(other);
         lock.set_access(Access::WRITE).unwrap();
         let held: Vec<String> = lock.held().iter().map(ToString::to_string).collect();
-        assert_eq!(
-            held,
-            ["100 101 103 | 201 203", "100 101 103 | 201 203", "100 | 201 203", "100 | 201 203"]
-        );
+        assert_eq!(held, ["100 101 103 | 201 203", "100 101 103 | 203", "100 | 201 203", "100 | -"]);
         lock.set_access(Access::FORCE_SHARE).unwrap();
         assert!(outside(&paths).iter().all(|s| s == "100 | -"), "{:?}", outside(&paths));
     }

@@ -44,20 +44,21 @@ const QCOW2_SHARES: Perm = CR.union(WU).union(Perm::GRAPH_MOD);
 ///
 /// The front ends differ in what they share even where they take the same bytes on a qcow2
 /// top: `qemu-io` shares write, a VM disk without `share-rw=on` does not, and that reaches the
-/// raw leaves. [`User::from_access`] reads an [`Access`] the safer way; the testkit maps each
-/// of its front ends to its precise `User`.
+/// raw leaves. The constants below are the one table of front ends (the testkit's
+/// `FrontEnd::user` and [`crate::graph::op`] use them); [`User::for_access`] reads an
+/// [`Access`] asked on a chain: a preset as the `qemu-io` front end it is named after.
 ///
 /// ```
 /// use qlock_core::graph::{Format, Role, rules::User};
-/// use qlock_core::{Access, Perm};
+/// use qlock_core::Access;
 ///
-/// let qemu_io = User { perm: Perm::CONSISTENT_READ | Perm::WRITE, shared: Perm::LEGACY_ALL,
-///                      writable: true, force_share: false, no_io: false };
 /// let base = Role::Backing { depth: 1 };
-/// assert_eq!(qemu_io.node(Role::Top, Format::Qcow2), Access::WRITE);
-/// assert_eq!(qemu_io.node(base, Format::Raw).bytes(), vec![100]);
-/// // The `write` preset is read as a VM disk: the raw base refuses writers too.
-/// assert_eq!(User::from_access(Access::WRITE).node(base, Format::Raw).bytes(), vec![100, 201, 203]);
+/// assert_eq!(User::QEMU_IO_RW.node(Role::Top, Format::Qcow2), Access::WRITE);
+/// assert_eq!(User::QEMU_IO_RW.node(base, Format::Raw).bytes(), vec![100]);
+/// // The `write` preset on a chain is `qemu-io` (read-write) ...
+/// assert_eq!(User::for_access(Access::WRITE), User::QEMU_IO_RW);
+/// // ... while a VM disk refuses writers on a raw base too.
+/// assert_eq!(User::VM_DISK.node(base, Format::Raw).bytes(), vec![100, 201, 203]);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct User {
@@ -74,23 +75,84 @@ pub struct User {
 }
 
 impl User {
+    /// `qemu-io IMG` (read-write, shares everything); also `qemu-img` opening an image
+    /// read-write (amend, commit, rebase, snapshot, bench -w: watched with `strace`).
+    pub const QEMU_IO_RW: User = User::new(CR.union(W), EVERYTHING, true);
+    /// `qemu-io -r IMG`; also `qemu-img check`, `map`, `compare`, `dd`, `bench`.
+    pub const QEMU_IO_READ_ONLY: User = User::new(CR, EVERYTHING, false);
+    /// `qemu-io -r -U IMG`, and every `qemu-img` subcommand that reads with `-U`.
+    pub const QEMU_IO_FORCE_SHARE: User = User { force_share: true, ..User::QEMU_IO_READ_ONLY };
+    /// `qemu-img info IMG`: no I/O (and it opens the top alone).
+    pub const QEMU_IMG_INFO: User = User { no_io: true, ..User::new(Perm::empty(), EVERYTHING, false) };
+    /// `qemu-img info -U IMG`: nothing at all.
+    pub const QEMU_IMG_INFO_FORCE_SHARE: User = User { force_share: true, ..User::QEMU_IMG_INFO };
+    /// A `qemu-img convert` source: reads, refuses writers (QEMU >= 6.1).
+    pub const CONVERT_SOURCE: User = User::new(CR, CR.union(WU).union(Perm::GRAPH_MOD), false);
+    /// `qemu-img resize IMG`: also asks resize of the top.
+    pub const RESIZE: User = User::new(CR.union(W).union(RS), EVERYTHING, true);
+    /// A VM's writable disk device (`-drive` + virtio-blk): refuses write.
+    pub const VM_DISK: User = User::new(CR.union(W), CR.union(WU).union(RS).union(Perm::GRAPH_MOD), true);
+    /// The same with `share-rw=on`.
+    pub const VM_DISK_SHARE_RW: User = User::QEMU_IO_RW;
+    /// A VM disk with `readonly=on`.
+    pub const VM_DISK_READONLY: User = User::new(CR, CR.union(WU).union(RS).union(Perm::GRAPH_MOD), false);
+    /// `qemu-nbd IMG` or a writable storage-daemon export: never shares resize.
+    pub const NBD_RW: User = User::new(CR.union(W), CR.union(W).union(WU).union(Perm::GRAPH_MOD), true);
+    /// `qemu-nbd -r IMG` or a read-only export.
+    pub const NBD_READ_ONLY: User = User::new(CR, CR.union(W).union(WU).union(Perm::GRAPH_MOD), false);
+
+    const fn new(perm: Perm, shared: Perm, writable: bool) -> User {
+        User { perm, shared, writable, force_share: false, no_io: false }
+    }
+
+    /// How qlock's chain guards read an access asked on the top image: a preset as the QEMU
+    /// front end it is named after, so that `--chain` holds on every node what that front end
+    /// holds there (`docs/graph.md`):
+    ///
+    /// | preset | front end |
+    /// |---|---|
+    /// | `force-share` | `qemu-io -r -U` |
+    /// | `read` | `qemu-io -r` |
+    /// | `write` | `qemu-io` (read-write): shares write, so a raw backing file refuses nothing |
+    /// | `write-shared` | a raw disk with `share-rw=on` (`qemu-io` read-write below the top) |
+    /// | `info` | `qemu-img info`: the top alone ([`User::opens_chain`] is false) |
+    ///
+    /// Any other access is taken literally ([`User::from_access`]). A VM disk refuses more
+    /// below the top than `write` does: use [`User::VM_DISK`] through
+    /// [`crate::graph::ChainLock::lock_as`] to stand in for one.
+    pub fn for_access(access: Access) -> User {
+        let norm = |a: Access| a.lock_set(Perm::ALL);
+        let presets = [
+            (Access::FORCE_SHARE, User::QEMU_IO_FORCE_SHARE),
+            (Access::READ, User::QEMU_IO_READ_ONLY),
+            (Access::WRITE, User::QEMU_IO_RW),
+            (Access::WRITE_SHARED, User::QEMU_IO_RW),
+            (Access::INFO, User::QEMU_IMG_INFO),
+        ];
+        presets
+            .into_iter()
+            .find(|(a, _)| norm(*a) == norm(access))
+            .map_or_else(|| User::from_access(access), |(_, user)| user)
+    }
+
+    /// Whether this user's opening reaches below the top: `qemu-img info` opens the top alone
+    /// (watched with `strace`: not even the data file).
+    pub const fn opens_chain(self) -> bool {
+        !self.no_io
+    }
+
     /// A node nobody attaches to (a `qemu-storage-daemon --blockdev` with no export), opened
     /// read-write or read-only.
     pub const fn nobody(writable: bool) -> User {
         User { perm: Perm::empty(), shared: EVERYTHING, writable, force_share: false, no_io: false }
     }
 
-    /// The safer reading of an [`Access`] asked on the top image, for qlock's own guards.
-    ///
-    /// The access is taken as the user's own request: its permissions, and exactly what it
-    /// shares. Where a preset stands for front ends that differ below the top, this picks the
-    /// one that refuses more: `write` ("qemu-io on qcow2, a VM's disk") reads as the VM disk,
-    /// so a raw backing file refuses writers (`100 | 201 203`, where `qemu-io` takes `100`)
-    /// and the data file refuses write (`100 101 103 | 201 203`, where `qemu-io` takes
-    /// `100 101 103 | 203`); `read` reads as a `qemu-img convert` source (`100 | 201 203` on
-    /// raw leaves, where `qemu-io -r` takes `100`). An access that shares all four permissions
-    /// and writes nothing is force share (`-U`); one without consistent read does no I/O
-    /// (`info`); one that writes or resizes opens the image read-write.
+    /// An [`Access`] taken literally as the user's own request: its permissions, and exactly
+    /// what it shares (so `perm=consistent-read;shared=consistent-read,write-unchanged` reads
+    /// as a `qemu-img convert` source, refusing writers on raw leaves too). An access that
+    /// shares all four permissions and writes nothing is force share (`-U`); one without
+    /// consistent read does no I/O (`info`); one that writes or resizes opens the image
+    /// read-write.
     pub fn from_access(access: Access) -> User {
         let writable = access.perm.intersects(W | WU | RS);
         User {
@@ -167,11 +229,11 @@ impl User {
 
 /// The access qlock's chain guards take on the node at `role` in `format` when `top` is asked
 /// on the top image: `top` itself on the top (so `--chain` never changes what the top holds),
-/// and below it what [`User::from_access`] (the safer reading) gets there.
+/// and below it what [`User::for_access`] (the front end the preset is named after) gets there.
 pub fn node_access(top: Access, role: Role, format: Format) -> Access {
     match role {
         Role::Top => top,
-        _ => User::from_access(top).node(role, format),
+        _ => User::for_access(top).node(role, format),
     }
 }
 
@@ -180,7 +242,7 @@ pub fn node_access(top: Access, role: Role, format: Format) -> Access {
 pub fn opening_access(top: Access, role: Role, format: Format) -> Access {
     match role {
         Role::Top if format == Format::Qcow2 => top,
-        _ => User::from_access(top).detached().node(role, format),
+        _ => User::for_access(top).detached().node(role, format),
     }
 }
 
@@ -214,15 +276,17 @@ mod tests {
     }
 
     #[test]
-    fn presets_read_the_safer_way_below_the_top() {
+    fn presets_read_as_their_qemu_io_front_ends_below_the_top() {
         let base = Role::Backing { depth: 1 };
         let data = Role::DataFile { depth: 0, raw: true };
+        // The rows of `qemu-io`, `qemu-io -r`, `qemu-io -r -U` in docs/graph.md.
         let table = [
             ("force-share", "100 | -", "100 | -", "100 | -"),
-            ("read", "100 | 201 203", "100 | 201 203", "100 | 201 203"),
-            ("write", "100 | 201 203", "100 | 201 203", "100 101 103 | 201 203"),
+            ("read", "100 | 201 203", "100 | -", "100 | 203"),
+            ("write", "100 | 201 203", "100 | -", "100 101 103 | 203"),
             ("write-shared", "100 | 201 203", "100 | -", "100 101 103 | 203"),
-            ("info", "- | 201 203", "- | 201 203", "- | 201 203"),
+            // `info` opens the top alone: these are never taken by a chain guard.
+            ("info", "- | 201 203", "- | -", "- | 203"),
         ];
         for (name, qcow2, raw, data_file) in table {
             let a: Access = name.parse().unwrap();

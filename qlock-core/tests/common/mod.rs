@@ -1,20 +1,17 @@
-//! Shared helpers of the integration tests: a raw lock holder that plays "another program"
-//! (including the foreign write locks qlock itself never takes), byte probes from outside, and
-//! holder processes started by re-executing the test binary.
+//! Shared helpers of the integration tests: an in-process raw lock holder that plays "another
+//! program" (including the foreign write locks qlock itself never takes) fast enough for the
+//! exhaustive tests, and byte probes from outside. Holder processes are qlock-testkit's.
 #![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
 
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
-use qlock_core::inspect;
-use qlock_core::{Access, ConflictReason, Error, ImageLock, LockOptions, LockSet, Locking, Perm, Verdict};
+use qlock_core::{Access, ConflictReason, Error, LockSet, Perm, Verdict};
+use qlock_testkit::FakeQemu;
 
 /// The eight protocol bytes QEMU >= 7.0 uses, in lock order.
 pub(crate) const BYTES: [u64; 8] = [100, 101, 102, 103, 200, 201, 202, 203];
@@ -159,121 +156,12 @@ pub(crate) fn verdict_of(result: &Result<(), Error>) -> Verdict {
     }
 }
 
-/// Whether a QEMU binary is on PATH; prints why a test is skipped otherwise.
-pub(crate) fn have(binary: &str) -> bool {
-    let found =
-        std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()));
-    if !found {
-        eprintln!("SKIPPED: {binary} is not installed (apt-get install qemu-utils)");
-    }
-    found
-}
-
-/// The name of the env var that tells a re-executed test binary which role to play.
-pub(crate) const ROLE: &str = "QLOCK_TEST_ROLE";
-
-/// A process of this test binary playing a role (see each test file's `child_role` test): it
-/// prints `READY` once its locks are taken and exits when its stdin closes.
-pub(crate) struct Helper {
-    pub(crate) child: Child,
-    stdin: Option<ChildStdin>,
-    /// Kept open (and drained at the end) so that the child's last writes do not hit EPIPE.
-    stdout: BufReader<std::process::ChildStdout>,
-    /// What the child reported with [`say`] before `READY`.
-    pub(crate) lines: Vec<String>,
-}
-
-impl Helper {
-    /// Starts `current_exe --exact child_role` with `role` and `envs`, and waits for `READY`.
-    pub(crate) fn start(role: &str, envs: &[(&str, String)]) -> Helper {
-        Helper::start_as(role, envs, None)
-    }
-
-    /// As [`Helper::start`], running as user and group `uid` when given (needs root).
-    pub(crate) fn start_as(role: &str, envs: &[(&str, String)], uid: Option<u32>) -> Helper {
-        let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
-        cmd.args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
-            .env(ROLE, role)
-            .envs(envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(uid) = uid {
-            cmd.uid(uid).gid(uid);
-        }
-        let mut child = cmd.spawn().expect("spawn helper");
-        let stdin = child.stdin.take();
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            if out.read_line(&mut line).expect("read helper stdout") == 0 {
-                drop(stdin);
-                let mut err = String::new();
-                child.stderr.take().expect("stderr").read_to_string(&mut err).ok();
-                panic!("helper {role} exited before READY; stdout {lines:?}; stderr:\n{err}");
-            }
-            // libtest prints `test child_role ... ` before the test's own output on one line.
-            if line.trim_end().ends_with("READY") {
-                break;
-            }
-            if let Some((_, said)) = line.trim_end().split_once(SAY) {
-                lines.push(said.to_string());
-            }
-        }
-        Helper { child, stdin, stdout: out, lines }
-    }
-
-    /// The helper's pid.
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Closes its stdin and waits for it to exit normally.
-    pub(crate) fn finish(mut self) {
-        self.stdin.take();
-        std::io::copy(&mut self.stdout, &mut std::io::sink()).expect("drain helper stdout");
-        let status = self.child.wait().expect("wait helper");
-        assert!(status.success(), "helper failed: {status}");
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        if self.stdin.take().is_some() {
-            let _ = std::io::copy(&mut self.stdout, &mut std::io::sink());
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The body of a `child_role` test: runs `role` when this process was started by
-/// [`Helper::start`] and returns `true`; returns `false` in a normal test run.
-pub(crate) fn run_role(role: impl FnOnce(&str)) -> bool {
-    let Ok(name) = std::env::var(ROLE) else { return false };
-    role(&name);
-    true
-}
-
-/// The marker of a line a helper reports to its parent.
-const SAY: &str = "QLOCK-SAYS: ";
-
-/// Reports one line to the parent (collected in [`Helper::lines`]).
-pub(crate) fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{SAY}{line}").expect("print");
-    out.flush().expect("flush");
-}
-
-/// Prints `READY` on the real stdout (not libtest's capture) and blocks until stdin closes.
-pub(crate) fn ready_and_wait() {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "READY").expect("print READY");
-    out.flush().expect("flush");
-    drop(out);
-    let mut sink = Vec::new();
-    std::io::stdin().read_to_end(&mut sink).expect("read stdin");
-}
+/// Processes of this test binary playing a role (see each test file's `child_role` test).
+#[allow(unused_imports)]
+pub(crate) use qlock_testkit::reexec::{Child as Helper, paths_env, ready_and_wait, run_role, say};
+/// Whether a tool is installed; a test skips without it, and fails under `CI=true`.
+#[allow(unused_imports)]
+pub(crate) use qlock_testkit::require as have;
 
 /// Parses a list of bytes like `101,201` (empty: none) into a [`LockSet`].
 pub(crate) fn parse_bytes(list: &str) -> LockSet {
@@ -284,42 +172,11 @@ pub(crate) fn parse_bytes(list: &str) -> LockSet {
     s
 }
 
-/// `QLOCK_PATHS` for a helper: one path a line.
-pub(crate) fn paths_env(paths: &[&Path]) -> (&'static str, String) {
-    ("QLOCK_PATHS", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join("\n"))
-}
-
-/// A helper process holding `access` on every path with [`ImageLock`].
-pub(crate) fn hold(paths: &[&Path], access: Access) -> Helper {
-    Helper::start("hold", &[paths_env(paths), ("QLOCK_ACCESS", access.to_string())])
-}
-
-/// The roles every test binary's `child_role` plays; `false` for a role it does not know.
-pub(crate) fn standard_role(role: &str, paths: &[PathBuf]) -> bool {
-    let posix = std::env::var_os("QLOCK_POSIX").is_some();
-    match role {
-        // Holds QLOCK_ACCESS on every path with ImageLock (OFD, or POSIX with QLOCK_POSIX).
-        "hold" => {
-            let access: Access = std::env::var("QLOCK_ACCESS").unwrap().parse().unwrap();
-            let opts = LockOptions::default().with_force_posix(posix).with_locking(Locking::On);
-            let _guards: Vec<ImageLock> =
-                paths.iter().map(|p| ImageLock::acquire_with(p, access, &opts).unwrap()).collect();
-            ready_and_wait();
-        }
-        // Inspects from outside the parent process and reports what it saw.
-        "inspect" => {
-            for status in inspect(paths) {
-                let status = status.unwrap();
-                say(&format!("held: {}", status.others.held));
-                for h in status.holders {
-                    say(&format!("holder: {} {:?} {}", h.pid, h.kind, h.bytes()));
-                }
-            }
-            ready_and_wait();
-        }
-        _ => return false,
-    }
-    true
+/// A fake holder process holding `access` on every path (one process, one descriptor each),
+/// taken the QEMU way.
+pub(crate) fn hold(paths: &[&Path], access: Access) -> FakeQemu {
+    let builder = paths[1..].iter().fold(FakeQemu::builder(paths[0]).access(access), |b, p| b.also(p));
+    builder.spawn().unwrap_or_else(|e| panic!("holder of {access}: {e}"))
 }
 
 /// Serialises the tests of one binary that spawn processes and drop guards.

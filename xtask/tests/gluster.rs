@@ -1,0 +1,444 @@
+//! Locks across two hosts on a real GlusterFS volume: qlock-testkit's `GlusterBed` (glusterd
+//! and a brick in one network namespace, FUSE clients of the same volume in two more), with real
+//! `qemu-io` and the `qlock` binary on both mounts. What these tests pin down is written up in
+//! docs/shared-storage.md.
+//!
+//! Every test builds its own bed (about 3 s) and tears it down on drop. They need root, FUSE,
+//! network namespaces and glusterfs-server + glusterfs-client: without them they skip, except
+//! under `CI=true`, where they fail (.ci/run installs GlusterFS). No sleep stands in for a
+//! handshake: holders are ready when they say so (qemu-io's prompt, a ready line); only effects
+//! on the other host (a lock vanishing on the brick) are polled, with deadlines.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, fcntl};
+use nix::libc;
+use qlock_testkit::gluster::{GlusterBed, poll_until};
+use qlock_testkit::{FakeQemu, Format, FrontEnd};
+
+// ---- probes: raw F_OFD_GETLK / F_OFD_SETLK, as another QEMU would make them ----
+
+fn flock(kind: i32, byte: u64) -> libc::flock {
+    libc::flock {
+        l_type: kind as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: byte as i64,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+/// `F_OFD_GETLK` for a write lock on `byte`: `Some(l_pid)` of a conflicting lock, `None` if free.
+fn holder_of(path: &Path, byte: u64) -> Option<i32> {
+    let file =
+        OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path).expect("open for probe");
+    let mut fl = flock(libc::F_WRLCK, byte);
+    fcntl(&file, FcntlArg::F_OFD_GETLK(&mut fl)).expect("F_OFD_GETLK");
+    (i32::from(fl.l_type) != libc::F_UNLCK).then_some(fl.l_pid)
+}
+
+/// Whether none of `bytes` is held, seen through `path`.
+fn all_free(path: &Path, bytes: &[u64]) -> bool {
+    bytes.iter().all(|&b| holder_of(path, b).is_none())
+}
+
+/// Tries a write lock on `byte` through `path` (then drops it with the descriptor).
+fn try_write_lock(path: &Path, byte: u64) -> Result<(), Errno> {
+    let file =
+        OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path).expect("open rw");
+    fcntl(&file, FcntlArg::F_OFD_SETLK(&flock(libc::F_WRLCK, byte))).map(|_| ())
+}
+
+// ---- tools ----
+
+/// Skips (or fails under `CI=true`) without QEMU's tools.
+fn have_qemu() -> bool {
+    let ok = Command::new("qemu-io").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "qemu-io is required under CI=true");
+        eprintln!("skipped: qemu-io not on PATH (install qemu-utils)");
+    }
+    ok
+}
+
+/// This worktree's `qlock` binary, built once per test run (a no-op when it is fresh).
+fn qlock_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "qlock-cli"])
+            .current_dir(xtask::workspace_root())
+            .status()
+            .expect("run cargo build -p qlock-cli");
+        assert!(status.success(), "cargo build -p qlock-cli failed");
+        xtask::target_dir().join("debug/qlock")
+    })
+}
+
+fn qlock(args: &[&str], image: &Path) -> Output {
+    Command::new(qlock_bin()).args(args).arg(image).output().expect("run qlock")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A raw image of 1 MiB, created through host A's mount: its path on host A and on host B.
+fn image(bed: &GlusterBed, name: &str) -> (PathBuf, PathBuf) {
+    std::fs::write(bed.host_a().path(name), vec![0u8; 1 << 20]).expect("create image on host A");
+    (bed.host_a().path(name), bed.host_b().path(name))
+}
+
+/// A qcow2 image of 16 MiB, created by qemu-img through host A's mount.
+fn qcow2(bed: &GlusterBed, name: &str) -> (PathBuf, PathBuf) {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(bed.host_a().path(name))
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    (bed.host_a().path(name), bed.host_b().path(name))
+}
+
+/// A real interactive `qemu-io` holding an image read-write: ready at its first prompt.
+struct QemuIo {
+    child: Child,
+    stdin: ChildStdin,
+    out: Receiver<Vec<u8>>,
+}
+
+const PROMPT: &str = "qemu-io> ";
+
+impl QemuIo {
+    /// Opens `image` (qcow2, read-write); the error is what qemu-io printed when it refused.
+    fn open(image: &Path) -> Result<QemuIo, String> {
+        let mut child = Command::new("sh")
+            .args(["-c", "exec qemu-io -f qcow2 \"$1\" 2>&1", "sh"])
+            .arg(image)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn qemu-io");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let (tx, out) = channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut q = QemuIo { child, stdin, out };
+        match q.until_prompt(Duration::from_secs(30)) {
+            Ok(_) => Ok(q),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Output up to the next prompt; `Err(output)` when qemu-io exits first or hangs.
+    fn until_prompt(&mut self, deadline: Duration) -> Result<String, String> {
+        let start = Instant::now();
+        let mut acc = Vec::new();
+        loop {
+            let left = deadline.saturating_sub(start.elapsed());
+            match self.out.recv_timeout(left) {
+                Ok(chunk) => acc.extend(chunk),
+                Err(_) => return Err(text(&acc)),
+            }
+            if text(&acc).ends_with(PROMPT) {
+                return Ok(text(&acc).trim_end_matches(PROMPT).to_string());
+            }
+        }
+    }
+
+    /// Runs one qemu-io command and returns its output.
+    fn command(&mut self, cmd: &str, deadline: Duration) -> Result<String, String> {
+        writeln!(self.stdin, "{cmd}").map_err(|e| e.to_string())?;
+        self.until_prompt(deadline)
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for QemuIo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// qemu-io's one-line refusal opening `image` read-write, from `Failed` on.
+fn qemu_io_refusal(image: &Path) -> Option<String> {
+    let out =
+        Command::new("qemu-io").args(["-f", "qcow2", "-c", "quit"]).arg(image).output().expect("qemu-io");
+    let err = text(&out.stderr);
+    let line = err.lines().find(|l| l.contains("Failed"))?;
+    Some(line[line.find("Failed")?..].to_string())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The bytes a `qemu-io -f qcow2` writer holds (observed with `qlock status` on a local disk):
+/// perm 100 101 103, unshared 201 203.
+const WRITER_BYTES: [u64; 5] = [100, 101, 103, 201, 203];
+
+// ---- the bed itself ----
+
+#[test]
+fn the_bed_builds_two_hosts_and_leaves_nothing_behind() {
+    let started = Instant::now();
+    let Some(bed) = GlusterBed::start_or_skip() else { return };
+    eprintln!("bed {} up in {:?}", bed.id(), started.elapsed());
+    let id = bed.id().to_string();
+
+    // Two FUSE clients of the same volume: a file written through A is read through B.
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for host in [bed.host_a(), bed.host_b()] {
+        let line =
+            info.lines().find(|l| l.split(' ').nth(4) == Some(&host.mount().to_string_lossy())).unwrap();
+        assert!(line.contains(" - fuse.glusterfs "), "{line}");
+    }
+    std::fs::write(bed.host_a().path("hello"), b"from A").unwrap();
+    assert_eq!(std::fs::read(bed.host_b().path("hello")).unwrap(), b"from A");
+
+    // Each client daemon runs in its own host's network namespace.
+    for host in [bed.host_a(), bed.host_b()] {
+        let pid = host.client_pid().expect("client running");
+        let ns = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino();
+        let want = std::fs::metadata(format!("/run/netns/{}", host.netns())).unwrap().ino();
+        assert_eq!(ns, want, "host {}'s client is not in its namespace", host.name());
+    }
+    // glusterd, the brick and two clients, all naming the bed's directory.
+    let pids = bed.processes();
+    assert_eq!(pids.len(), 4, "{pids:?}");
+    let brick_socket = std::fs::read_to_string(bed.dir().join("run/brick-socket")).unwrap();
+    assert!(Path::new(&brick_socket).exists(), "{brick_socket}");
+
+    let started = Instant::now();
+    drop(bed);
+    eprintln!("bed {id} torn down in {:?}", started.elapsed());
+    assert_eq!(GlusterBed::leftovers(&id), Vec::<String>::new());
+    for pid in pids {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(state.is_empty() || state.contains(") Z "), "pid {pid} still running: {state}");
+    }
+    assert!(!Path::new(&brick_socket).exists(), "{brick_socket} left behind");
+}
+
+// ---- what host B sees of host A's locks ----
+
+#[test]
+fn host_b_sees_and_respects_host_a_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let Some(bed) = GlusterBed::start_or_skip() else { return };
+    let (on_a, on_b) = qcow2(&bed, "vm.qcow2");
+    let mut qemu_a = QemuIo::open(&on_a).expect("qemu-io on host A");
+
+    // F_OFD_GETLK on host B reports host A's read locks, with no pid (l_pid = -1).
+    for byte in WRITER_BYTES {
+        assert_eq!(holder_of(&on_b, byte), Some(-1), "byte {byte} through host B");
+    }
+    assert_eq!(holder_of(&on_b, 102), None);
+    // A write lock on a byte host A read-locked fails on host B.
+    assert_eq!(try_write_lock(&on_b, 100), Err(Errno::EAGAIN));
+    // Real QEMU on host B is refused.
+    let refusal = qemu_io_refusal(&on_b).expect("qemu-io on host B was not refused");
+    assert_eq!(refusal, "Failed to get \"write\" lock");
+
+    // qlock on host B: the same verdict and message as QEMU's.
+    let out = qlock(&["check", "--access", "write"], &on_b);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let first = format!("qlock: {}: {refusal}", on_b.display());
+    assert_eq!(text(&out.stderr).lines().next(), Some(first.as_str()), "{}", text(&out.stderr));
+    // qlock status on host B shows the bytes; the holder is on another host, so no pid.
+    let out = qlock(&["status"], &on_b);
+    let status = text(&out.stdout);
+    assert!(
+        status.lines().any(|l| l.starts_with("held") && l.ends_with("100 101 103 | 201 203")),
+        "{status}"
+    );
+    let holder = status.lines().find(|l| l.starts_with("holder")).unwrap_or_default();
+    assert!(!holder.contains("pid"), "{status}");
+    eprintln!("qlock status on host B names: {holder}");
+
+    // Host A's QEMU quits: its locks go with it (the release is asynchronous through FUSE).
+    drop(qemu_a.command("quit", Duration::from_secs(10)));
+    let (_, freed) = poll_until(Duration::from_secs(10), Duration::from_millis(1), || {
+        all_free(&on_b, &WRITER_BYTES).then_some(())
+    })
+    .expect("host A's locks still seen on host B after qemu-io quit");
+    eprintln!("qemu-io quit on A: free on B after {freed:?}");
+
+    // The other way round: qlock holds on host B, a QEMU newcomer on host A is refused.
+    let mut run = Command::new(qlock_bin())
+        .args(["run", "--access", "write"])
+        .arg(&on_b)
+        .args(["--", "sh", "-c", "echo ready; read line || true"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 6];
+    run.stdout.as_mut().unwrap().read_exact(&mut ready).expect("qlock run ready line");
+    assert_eq!(&ready, b"ready\n");
+    assert_eq!(qemu_io_refusal(&on_a).as_deref(), Some("Failed to get \"write\" lock"));
+    assert!(QemuIo::open(&on_a).is_err());
+    drop(run.stdin.take());
+    assert!(run.wait().unwrap().success());
+}
+
+#[test]
+fn a_killed_holder_on_host_a_is_gone_for_host_b_within_milliseconds() {
+    let Some(bed) = GlusterBed::start_or_skip() else { return };
+    let (on_a, on_b) = image(&bed, "vm.img");
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let mut vm =
+            FakeQemu::builder(&on_a).front_end(FrontEnd::VmDisk, Format::Raw).spawn().expect("holder on A");
+        assert_eq!(holder_of(&on_b, 201), Some(-1));
+        let killed = Instant::now();
+        vm.kill().expect("SIGKILL the holder");
+        let (_, _) = poll_until(Duration::from_secs(10), Duration::from_micros(200), || {
+            all_free(&on_b, &[100, 101, 201]).then_some(())
+        })
+        .expect("a SIGKILLed holder's locks still seen on host B after 10 s");
+        times.push(killed.elapsed());
+    }
+    times.sort();
+    eprintln!(
+        "SIGKILL on A -> free on B: p50 {:?}, p99 {:?} (n = {})",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        times.len()
+    );
+    assert!(percentile(&times, 0.99) < Duration::from_secs(2), "{times:?}");
+}
+
+#[test]
+fn a_crashed_host_a_client_releases_its_locks_at_once() {
+    let Some(bed) = GlusterBed::start_or_skip() else { return };
+    let (on_a, on_b) = image(&bed, "vm.img");
+    let vm = FakeQemu::builder(&on_a).front_end(FrontEnd::VmDisk, Format::Raw).spawn().expect("holder on A");
+    assert_eq!(holder_of(&on_b, 201), Some(-1));
+    let crashed = Instant::now();
+    bed.host_a().kill_client().expect("SIGKILL host A's glusterfs");
+    let (_, freed) = poll_until(Duration::from_secs(30), Duration::from_millis(1), || {
+        all_free(&on_b, &[100, 101, 201]).then_some(())
+    })
+    .expect("host A's locks still seen on host B 30 s after its client died");
+    eprintln!("host A's client SIGKILLed: free on B after {:?}", crashed.elapsed());
+    assert!(freed < Duration::from_secs(5), "{freed:?}");
+    // The holder itself still runs on host A, its mount dead under it.
+    assert!(Path::new(&format!("/proc/{}", vm.pid())).exists());
+    let err = File::open(&on_a).expect_err("host A's mount after its client died");
+    eprintln!("host A's mount after the crash: {err}");
+}
+
+// ---- the dangerous case: a partition ----
+
+/// Host A's QEMU holds the image; host A is cut off; the brick drops its locks while that QEMU
+/// runs; the network heals. Returns how long host B waited to see the image free, and what
+/// host A's QEMU got when it wrote through its old descriptor after the heal.
+fn partition_and_heal(bed: &GlusterBed, free_within: Duration) -> (Duration, String) {
+    let (on_a, on_b) = qcow2(bed, "vm.qcow2");
+    let mut qemu_a = QemuIo::open(&on_a).expect("qemu-io on host A");
+    assert!(
+        qemu_a.command("write -P 0x11 0 4k", Duration::from_secs(10)).unwrap().contains("wrote 4096/4096")
+    );
+    assert_eq!(holder_of(&on_b, 201), Some(-1));
+
+    bed.host_a().partition().unwrap();
+    let cut = Instant::now();
+    // Host B keeps probing: the locks vanish on the brick once it gives up on host A.
+    let (_, freed) =
+        poll_until(free_within, Duration::from_millis(100), || all_free(&on_b, &WRITER_BYTES).then_some(()))
+            .unwrap_or_else(|| {
+                panic!("host A's locks still held on the brick {free_within:?} after the partition")
+            });
+    eprintln!("partition: host A's locks gone on host B after {freed:?}");
+    assert!(qemu_a.is_running(), "host A's QEMU must still run");
+    // Host B's QEMU can now open the image read-write while host A's still has it open.
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xbb 64k 4k"])
+        .arg(&on_b)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "host B's qemu-io during the partition: {}", text(&out.stderr));
+    std::fs::write(bed.host_b().path("written-during-partition"), b"B").unwrap();
+
+    bed.host_a().heal().unwrap();
+    let healed = Instant::now();
+    // Host A's client is back once it can look up a file created while it was away.
+    let (_, back) = poll_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        std::fs::read(bed.host_a().path("written-during-partition")).ok()
+    })
+    .expect("host A's client did not reconnect within 60 s of the heal");
+    eprintln!("heal: host A's mount answers after {back:?} (partition lasted {:?})", healed - cut);
+    let written =
+        qemu_a.command("write -P 0xaa 128k 4k", Duration::from_secs(30)).expect("qemu-io on host A answers");
+    // Whatever host A's QEMU got, its locks are not back: host B sees the image free.
+    assert!(all_free(&on_b, &WRITER_BYTES), "host A's locks came back after the heal");
+    let out = qlock(&["check", "--access", "write"], &on_b);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    (freed, written)
+}
+
+#[test]
+fn a_partition_drops_host_a_locks_and_the_heal_does_not_take_them_back() {
+    if !have_qemu() {
+        return;
+    }
+    // GlusterFS 10.3 defaults: the brick gives up on a silent client after ~42 s
+    // (server.tcp-user-timeout 42; keepalive 20 + 9 x 2 s).
+    let Some(bed) = GlusterBed::start_or_skip() else { return };
+    let (freed, written) = partition_and_heal(&bed, Duration::from_secs(120));
+    assert!(freed > Duration::from_secs(20), "{freed:?}: sooner than the keepalive allows");
+    // client.strict-locks is off: host A's client reopened the descriptor without its locks,
+    // and host A's QEMU writes on, unprotected, next to host B's.
+    assert!(written.contains("wrote 4096/4096"), "{written}");
+    let fuse_vol = std::fs::read_dir(bed.dir().join("wd/vols").join(bed.volume()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .find(|v| v.contains("type protocol/client"))
+        .unwrap();
+    assert!(fuse_vol.contains("option strict-locks off"), "{fuse_vol}");
+}
+
+#[test]
+fn strict_locks_fence_host_a_writes_after_the_heal_but_do_not_keep_host_b_out() {
+    if !have_qemu() {
+        return;
+    }
+    // Short timeouts so that the brick gives up within seconds; client.strict-locks on.
+    let options = [
+        ("client.strict-locks", "on"),
+        ("server.keepalive-time", "2"),
+        ("server.keepalive-interval", "1"),
+        ("server.keepalive-count", "2"),
+        ("server.tcp-user-timeout", "3"),
+        ("network.ping-timeout", "3"),
+    ];
+    let Some(bed) = GlusterBed::start_or_skip_with(&options) else { return };
+    let (freed, written) = partition_and_heal(&bed, Duration::from_secs(30));
+    assert!(freed < Duration::from_secs(15), "{freed:?}");
+    // The descriptor that held locks is not reopened: host A's QEMU gets EBADFD.
+    assert!(written.contains("write failed: File descriptor in bad state"), "{written}");
+}

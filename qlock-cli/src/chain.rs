@@ -47,7 +47,7 @@ impl Refusal {
 
     fn failure(self, conflict: u8) -> Failure {
         let code = if self.error.conflict().is_some() { conflict } else { EXIT_ERROR };
-        Failure::Said { text: self.text(), code }
+        Failure::Said { text: self.text(), hint: self.error.hint(), code }
     }
 }
 
@@ -131,7 +131,7 @@ pub(crate) fn check_op(args: &CheckArgs, op: op::Op, out: &mut impl Write) -> Re
             Ok(()) => {}
             Err(e) => {
                 let code = if e.conflict().is_some() { EXIT_CONFLICT } else { EXIT_ERROR };
-                return Err(Failure::Said { text: e.to_string(), code });
+                return Err(Failure::Said { text: e.to_string(), hint: e.hint(), code });
             }
         }
         let u = if args.force_share { " -U" } else { "" };
@@ -150,10 +150,13 @@ pub(crate) fn status(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome,
             Err(e) => {
                 failed = true;
                 if args.json {
-                    images.push(json!({ "path": name.display().to_string(), "error": e.to_string() }));
+                    images.push(
+                        json!({ "path": name.display().to_string(), "error": e.to_string(), "hint": e.hint() }),
+                    );
                 } else {
                     out.flush().map_err(Failure::Output)?;
                     say(&e.to_string());
+                    crate::print_hint(e.hint());
                 }
                 continue;
             }
@@ -172,6 +175,7 @@ pub(crate) fn status(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome,
                     if !args.json {
                         out.flush().map_err(Failure::Output)?;
                         say(&message(e));
+                        crate::print_hint(e.hint());
                     }
                     continue;
                 }

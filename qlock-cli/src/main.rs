@@ -85,8 +85,9 @@ pub(crate) enum Failure {
     Spawn { program: OsString, error: io::Error },
     /// Anything else, already phrased: exit 2.
     Other(String),
-    /// Already phrased, with its exit status (the chain's and `check --op`'s refusals).
-    Said { text: String, code: u8 },
+    /// Already phrased, with its exit status and advice (the chain's and `check --op`'s
+    /// refusals).
+    Said { text: String, hint: Option<String>, code: u8 },
 }
 
 impl Failure {
@@ -125,7 +126,7 @@ fn exit(result: Result<Outcome, Failure>) -> ExitCode {
         },
         Err(Failure::Lock { error, conflict }) => {
             say(&message(&error));
-            print_hint(&error);
+            print_hint(error.hint());
             if error.is_conflict() { conflict } else { EXIT_ERROR }
         }
         Err(Failure::Output(e)) => {
@@ -143,8 +144,9 @@ fn exit(result: Result<Outcome, Failure>) -> ExitCode {
             say(&text);
             EXIT_ERROR
         }
-        Err(Failure::Said { text, code }) => {
+        Err(Failure::Said { text, hint, code }) => {
             say(&text);
+            print_hint(hint);
             code
         }
     };
@@ -172,9 +174,9 @@ pub(crate) fn say(text: &str) {
 }
 
 /// Prints what to do about `err`, if the library knows, on the lines after its message.
-pub(crate) fn print_hint(err: &Error) {
+pub(crate) fn print_hint(hint: Option<String>) {
     let mut stderr = io::stderr().lock();
-    for line in err.hint().iter().flat_map(|h| h.lines()) {
+    for line in hint.iter().flat_map(|h| h.lines()) {
         let _ = writeln!(stderr, "hint: {line}");
     }
 }

@@ -44,7 +44,7 @@ pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, F
                     // In order with the tables around it.
                     out.flush().map_err(Failure::Output)?;
                     say(&message(e));
-                    crate::print_hint(e);
+                    crate::print_hint(e.hint());
                 }
             }
         }

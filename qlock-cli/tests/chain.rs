@@ -281,3 +281,28 @@ fn status_chain_names_each_node_and_each_holders_role() {
     assert_eq!(chain[1]["holders"][0]["pid"], pid);
     drop(qemu);
 }
+
+/// The chain paths (`check` with its default `--chain`, `check --op`, `status --chain`) give
+/// the same advice as `--no-chain`: QEMU's line, then a `hint:` line (the advice is in
+/// `Error::hint`, not in the message). No QEMU needed.
+#[test]
+fn chain_refusals_carry_the_node_errors_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    for args in [
+        &["check", "--access", "read", d][..],
+        &["check", "--no-chain", "--access", "read", d],
+        &["check", d, "--op", "check"],
+        &["status", "--chain", d],
+    ] {
+        let out = Command::new(QLOCK).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let text = stderr(&out);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].ends_with("Is a directory"), "{args:?}: {text}");
+        assert_eq!(lines[1..], ["hint: An image is a regular file or a block device."], "{args:?}: {text}");
+    }
+    let out = Command::new(QLOCK).args(["status", "--chain", "--json", d]).output().unwrap();
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["images"][0]["hint"], "An image is a regular file or a block device.", "{json}");
+}

@@ -345,6 +345,17 @@ impl ChainError {
         }
     }
 
+    /// What to do about the node's error, beyond QEMU's message ([`Error::hint`]); `None` when
+    /// there is nothing more to say.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ChainError::OpenBacking(e) | ChainError::Open(e) => e.hint(),
+            ChainError::Node { source, .. } => source.hint(),
+            ChainError::TimedOut { last, .. } => last.hint(),
+            _ => None,
+        }
+    }
+
     fn with_last(self, last: ChainError) -> ChainError {
         match self {
             ChainError::TimedOut { waited, .. } => ChainError::TimedOut { waited, last: Box::new(last) },

@@ -220,6 +220,16 @@ impl OpError {
             _ => None,
         }
     }
+
+    /// What to do about it, beyond `qemu-img`'s message ([`Error::hint`]); `None` when there
+    /// is nothing more to say.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            OpError::Open { source, .. } | OpError::Reopen { source } => source.hint(),
+            OpError::Create { source, .. } => source.hint(),
+            _ => None,
+        }
+    }
 }
 
 /// Would `qemu-img op IMAGE` (with `-U` when `force_share`) get past locking now? Takes, on

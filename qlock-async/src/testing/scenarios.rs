@@ -99,6 +99,7 @@ macro_rules! scenario_tests {
     (@one [$($h:ty),+] $name:ident) => {
         #[test]
         fn $name() {
+            let _serial = $crate::testing::serial();
             $($crate::testing::scenarios::$name::<$h>();)+
         }
     };
@@ -237,7 +238,11 @@ pub fn a_waiter_gets_in_when_the_holder_quits_or_is_killed<H: Harness>() {
 fn held_alone_then_nothing<T>(path: &Path, guard: T, bytes: &str, case: End) {
     let (held, pids) = held_from_another_process(path);
     assert_eq!(held.to_string(), bytes, "{case:?}");
-    assert_eq!(pids, [std::process::id()], "{case:?}");
+    // Another holder here is most often a child some other test forked (it shares every
+    // description until it execs): name it.
+    let who: Vec<String> =
+        pids.iter().map(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default()).collect();
+    assert_eq!(pids, [std::process::id()], "{case:?}: {who:?}");
     drop(guard);
     assert!(held_from_another_process(path).0.is_empty(), "{case:?}");
 }
@@ -407,16 +412,23 @@ pub fn a_cancelled_access_change_keeps_the_old_locks<H: Harness>() {
     let holder = FakeQemu::builder(&path).raw([RawLock::byte(201), RawLock::byte(203)]).spawn().unwrap();
     let now = Backoff::default().with_timeout(Duration::ZERO);
     for call in ["set_access", "wait_for"] {
-        let guard = H::block_on(async {
-            let mut guard = Lock::<H>::acquire(&path, Access::FORCE_SHARE).await.unwrap();
-            let first = match call {
-                "set_access" => futures_lite::future::poll_once(guard.set_access(Access::WRITE)).await,
-                _ => futures_lite::future::poll_once(guard.wait_for(Access::WRITE, &now)).await,
-            };
-            // Pending: the walk over /proc that names the holders takes far longer than a poll.
-            assert!(first.is_none(), "{}: {call} finished at its first poll: {first:?}", H::NAME);
-            guard
-        });
+        // The call is cancelled while its pool hop (the walk over /proc that names the holders)
+        // is in flight. The walk takes far longer than a poll, but a preempted test thread can
+        // let it finish before the first poll returns: that attempt tests nothing, so try again.
+        let guard = (0..20)
+            .find_map(|_| {
+                H::block_on(async {
+                    let mut guard = Lock::<H>::acquire(&path, Access::FORCE_SHARE).await.unwrap();
+                    let first = match call {
+                        "set_access" => {
+                            futures_lite::future::poll_once(guard.set_access(Access::WRITE)).await
+                        }
+                        _ => futures_lite::future::poll_once(guard.wait_for(Access::WRITE, &now)).await,
+                    };
+                    first.is_none().then_some(guard)
+                })
+            })
+            .unwrap_or_else(|| panic!("{}: {call} finished at its first poll 20 times in 20", H::NAME));
         assert!(!guard.is_lost(), "{}: {call}", H::NAME);
         assert_eq!(guard.access(), Access::FORCE_SHARE, "{}: {call}", H::NAME);
         let mut theirs = LockSet::EMPTY;
@@ -589,7 +601,12 @@ pub fn the_chain_guard_locks_every_node_and_a_cancelled_acquire_leaks_none<H: Ha
             match r {
                 None => cancelled += 1,
                 Some(r) => {
-                    drop(r.unwrap());
+                    // A cancelled acquire's pool closure may still hold its locks for a moment
+                    // (this process's other description): a non-waiting acquire meets it.
+                    if let Err(e) = r {
+                        let me = std::process::id();
+                        assert!(e.conflict().is_some_and(|c| c.holders.iter().all(|h| h.pid == me)), "{e}");
+                    }
                     done += 1;
                 }
             }

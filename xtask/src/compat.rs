@@ -29,6 +29,7 @@ use qlock_testkit::RawLock;
 use crate::catalogue::{self, QemuHolder, QemuNewcomer, same_bytes};
 use crate::qemu::QemuBuild;
 use crate::run::{self, Running, Scratch, Verdict};
+use crate::section::Section;
 
 /// A write lock on `byte`.
 const fn wr(byte: u64) -> RawLock {
@@ -151,6 +152,9 @@ pub struct Report {
     pub cells: Vec<Vec<Option<Verdict>>>,
     /// The checks, in order.
     pub checks: Vec<Check>,
+    /// The image-graph sections, after the matrix: the chain matrix and the qemu-iotests 153
+    /// port ([`crate::chains`], [`crate::iotest153`]). Their checks count in the summary.
+    pub sections: Vec<Section>,
 }
 
 /// One comparison.
@@ -164,16 +168,29 @@ pub struct Check {
     cells: Vec<(usize, usize)>,
 }
 
+impl Check {
+    /// A check outside the matrix (a section's pair): `detail` names the pair and, when
+    /// failing, both answers.
+    pub fn new(ok: bool, detail: String) -> Check {
+        Check { ok, detail, cells: vec![] }
+    }
+}
+
 impl Report {
-    /// Checks that disagree.
+    /// Checks that disagree, the sections' included.
     pub fn failures(&self) -> impl Iterator<Item = &Check> {
-        self.checks.iter().filter(|c| !c.ok)
+        self.all_checks().filter(|c| !c.ok)
     }
 
-    /// `compat: N/N agree (QEMU ...)`
+    /// The matrix's checks, then the sections'.
+    pub fn all_checks(&self) -> impl Iterator<Item = &Check> {
+        self.checks.iter().chain(self.sections.iter().flat_map(|s| s.checks.iter()))
+    }
+
+    /// `compat: N/N agree (QEMU ...)`, every pair of the matrix and the sections.
     pub fn summary(&self) -> String {
-        let ok = self.checks.iter().filter(|c| c.ok).count();
-        format!("compat: {ok}/{} agree (QEMU {})", self.checks.len(), self.build)
+        let ok = self.all_checks().filter(|c| c.ok).count();
+        format!("compat: {ok}/{} agree (QEMU {})", self.all_checks().count(), self.build)
     }
 
     /// The matrix, legend and disagreements, as printed by `cargo xtask compat`.
@@ -212,8 +229,11 @@ impl Report {
             "legend: . granted   g Failed to get \"X\" lock   s Failed to get shared \"X\" lock   \
              L Failed to lock byte N   E error   - holder did not start   ! disagreement\n",
         );
-        for c in self.failures() {
+        for c in self.checks.iter().filter(|c| !c.ok) {
             let _ = writeln!(out, "DISAGREE {}", c.detail);
+        }
+        for s in &self.sections {
+            out.push_str(&s.text);
         }
         out
     }
@@ -274,7 +294,9 @@ pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
     let rows: Vec<Row> = rows.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect();
     let checks = derive_checks(&holders, &newcomers, &rows);
     let cells = rows.into_iter().map(|r| r.cells).collect();
-    Ok(Report { build: build.label(), holders, newcomers, cells, checks })
+    let sections =
+        vec![crate::chains::run(build, opts, tmp.path()), crate::iotest153::run(build, opts, tmp.path())];
+    Ok(Report { build: build.label(), holders, newcomers, cells, checks, sections })
 }
 
 /// One holder's results.

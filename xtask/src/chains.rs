@@ -241,7 +241,7 @@ fn mutated(opts: &Options, preset: &str) -> Option<String> {
 /// Runs the chain matrix for `build` (the graphs `--only` selects: `chain`, `chain qcow2`...),
 /// in scratch directories under `tmp`.
 pub fn run(build: &QemuBuild, opts: &Options, tmp: &Path) -> Section {
-    let mut section = Section { text: String::new(), checks: Vec::new() };
+    let mut section = Section::new("chains");
     for (g, graph) in GRAPHS.iter().enumerate() {
         if !section::selected(&opts.only, &format!("chain {}", graph.name)) {
             continue;
@@ -261,9 +261,7 @@ pub fn run(build: &QemuBuild, opts: &Options, tmp: &Path) -> Section {
         render(&mut section.text, build, graph, &rows, &cols, &results, &checks);
         section.checks.extend(checks.into_iter().map(|(ok, detail, _)| Check::new(ok, detail)));
     }
-    if !section.checks.is_empty() {
-        let _ = writeln!(section.text, "{} (QEMU {})\n", section.summary("chains"), build.label());
-    }
+    section.close(&build.label());
     section
 }
 

@@ -187,10 +187,19 @@ impl Report {
         self.checks.iter().chain(self.sections.iter().flat_map(|s| s.checks.iter()))
     }
 
-    /// `compat: N/N agree (QEMU ...)`, every pair of the matrix and the sections.
+    /// `compat: N/N agree (QEMU ...)`, every pair of the matrix and the sections, then each
+    /// part's own tally (`matrix 882/882, chains 610/610, ...`) for the parts that ran.
     pub fn summary(&self) -> String {
         let ok = self.all_checks().filter(|c| c.ok).count();
-        format!("compat: {ok}/{} agree (QEMU {})", self.all_checks().count(), self.build)
+        let matrix = self.checks.iter().filter(|c| c.ok).count();
+        let mut parts = vec![format!("matrix {matrix}/{}", self.checks.len())];
+        parts.extend(self.sections.iter().filter(|s| !s.checks.is_empty()).map(Section::tally));
+        format!(
+            "compat: {ok}/{} agree (QEMU {}: {})",
+            self.all_checks().count(),
+            self.build,
+            parts.join(", ")
+        )
     }
 
     /// The matrix, legend and disagreements, as printed by `cargo xtask compat`.

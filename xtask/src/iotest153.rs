@@ -267,7 +267,7 @@ struct Column {
 /// Runs the port for `build` (`--only 153` selects it, `--only "153 qemu-io"` its holders
 /// whose label starts so), in scratch directories under `tmp`.
 pub fn run(build: &QemuBuild, opts: &Options, tmp: &Path) -> Section {
-    let mut section = Section { text: String::new(), checks: Vec::new() };
+    let mut section = Section::new("qemu-iotests 153");
     for (k, scene) in scenes(build).into_iter().enumerate() {
         let holders: Vec<ChainHolder> = scene
             .holders
@@ -287,9 +287,7 @@ pub fn run(build: &QemuBuild, opts: &Options, tmp: &Path) -> Section {
         render(&mut section.text, build, &scene, &holders, &labels, &cols, &checks);
         section.checks.extend(checks.into_iter().map(|(ok, detail, _)| Check::new(ok, detail)));
     }
-    if !section.checks.is_empty() {
-        let _ = writeln!(section.text, "{} (QEMU {})\n", section.summary("qemu-iotests 153"), build.label());
-    }
+    section.close(&build.label());
     section
 }
 

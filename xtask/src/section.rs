@@ -8,6 +8,8 @@ use crate::compat::Check;
 /// One section's outcome for one QEMU build.
 #[derive(Debug)]
 pub struct Section {
+    /// `chains`, `qemu-iotests 153`: its name in the summary.
+    pub name: &'static str,
     /// The rendered tables and disagreements, printed after the matrix.
     pub text: String,
     /// Every pair compared (and every holder start), in order.
@@ -15,10 +17,24 @@ pub struct Section {
 }
 
 impl Section {
-    /// `chains: N/N agree`, for the section's own line in the report.
-    pub fn summary(&self, name: &str) -> String {
+    /// An empty section.
+    pub fn new(name: &'static str) -> Section {
+        Section { name, text: String::new(), checks: Vec::new() }
+    }
+
+    /// `chains 610/610`: how many of its pairs agree.
+    pub fn tally(&self) -> String {
         let ok = self.checks.iter().filter(|c| c.ok).count();
-        format!("{name}: {ok}/{} agree", self.checks.len())
+        format!("{} {ok}/{}", self.name, self.checks.len())
+    }
+
+    /// Ends the text with `chains: 610/610 agree (QEMU ...)`, when anything ran.
+    pub fn close(&mut self, build: &str) {
+        if !self.checks.is_empty() {
+            let ok = self.checks.iter().filter(|c| c.ok).count();
+            let line = format!("{}: {ok}/{} agree (QEMU {build})\n\n", self.name, self.checks.len());
+            self.text.push_str(&line);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! Every holder (QEMU front ends, qlock presets, foreign raw locks) gets its own image and
 //! process; every newcomer (QEMU front ends, qlock presets) then runs against it in turn. From
-//! that matrix of verdicts three kinds of checks follow, all comparisons between real runs:
+//! that matrix of verdicts three kinds of pairs follow, all comparisons between real runs:
 //!
 //! - **qlock newcomer**: against any holder, qlock with preset `p` must get the verdict and
 //!   message of every QEMU newcomer whose access is `p` (its *twins*);
@@ -29,6 +29,7 @@ use qlock_testkit::RawLock;
 use crate::catalogue::{self, QemuHolder, QemuNewcomer, same_bytes};
 use crate::qemu::QemuBuild;
 use crate::run::{self, Outcome, Running, Scratch};
+use crate::section::Section;
 
 /// A write lock on `byte`.
 const fn wr(byte: u64) -> RawLock {
@@ -149,8 +150,11 @@ pub struct Report {
     pub newcomers: Vec<MatrixNewcomer>,
     /// `cells[h][n]`; `None` when the holder could not be started.
     pub cells: Vec<Vec<Option<Outcome>>>,
-    /// The pairs compared, in order.
+    /// The pairs, in order.
     pub pairs: Vec<Pair>,
+    /// The image-graph sections, after the matrix: the chain matrix and the qemu-iotests 153
+    /// port ([`crate::chains`], [`crate::iotest153`]). Their pairs count in the summary.
+    pub sections: Vec<Section>,
 }
 
 /// One comparison of two runs (or a holder's bytes) that must agree.
@@ -164,16 +168,33 @@ pub struct Pair {
     cells: Vec<(usize, usize)>,
 }
 
+impl Pair {
+    /// A check outside the matrix (a section's pair): `detail` names the pair and, when
+    /// failing, both answers.
+    pub fn new(ok: bool, detail: String) -> Pair {
+        Pair { ok, detail, cells: vec![] }
+    }
+}
+
 impl Report {
-    /// Checks that disagree.
+    /// Checks that disagree, the sections' included.
     pub fn failures(&self) -> impl Iterator<Item = &Pair> {
-        self.pairs.iter().filter(|c| !c.ok)
+        self.all_pairs().filter(|c| !c.ok)
     }
 
-    /// `compat: N/N agree (QEMU ...)`
+    /// The matrix's pairs, then the sections'.
+    pub fn all_pairs(&self) -> impl Iterator<Item = &Pair> {
+        self.pairs.iter().chain(self.sections.iter().flat_map(|s| s.pairs.iter()))
+    }
+
+    /// `compat: N/N agree (QEMU ...)`, every pair of the matrix and the sections, then each
+    /// part's own tally (`matrix 882/882, chains 610/610, ...`) for the parts that ran.
     pub fn summary(&self) -> String {
-        let ok = self.pairs.iter().filter(|c| c.ok).count();
-        format!("compat: {ok}/{} agree (QEMU {})", self.pairs.len(), self.build)
+        let ok = self.all_pairs().filter(|c| c.ok).count();
+        let matrix = self.pairs.iter().filter(|c| c.ok).count();
+        let mut parts = vec![format!("matrix {matrix}/{}", self.pairs.len())];
+        parts.extend(self.sections.iter().filter(|s| !s.pairs.is_empty()).map(Section::tally));
+        format!("compat: {ok}/{} agree (QEMU {}: {})", self.all_pairs().count(), self.build, parts.join(", "))
     }
 
     /// The matrix, legend and disagreements, as printed by `cargo xtask compat`.
@@ -212,8 +233,11 @@ impl Report {
             "legend: . granted   g Failed to get \"X\" lock   s Failed to get shared \"X\" lock   \
              L Failed to lock byte N   E error   - holder did not start   ! disagreement\n",
         );
-        for c in self.failures() {
+        for c in self.pairs.iter().filter(|c| !c.ok) {
             let _ = writeln!(out, "DISAGREE {}", c.detail);
+        }
+        for s in &self.sections {
+            out.push_str(&s.text);
         }
         out
     }
@@ -243,7 +267,7 @@ pub fn matrix(build: &QemuBuild, opts: &Options) -> (Vec<MatrixHolder>, Vec<Matr
     (holders, newcomers)
 }
 
-/// Runs the whole matrix for one build and derives the checks.
+/// Runs the whole matrix for one build and derives the pairs.
 ///
 /// # Errors
 /// When no scratch directory can be made.
@@ -271,9 +295,11 @@ pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
         }
     });
     let rows: Vec<Row> = rows.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect();
-    let checks = derive_checks(&holders, &newcomers, &rows);
+    let pairs = derive_checks(&holders, &newcomers, &rows);
     let cells = rows.into_iter().map(|r| r.cells).collect();
-    Ok(Report { build: build.label(), holders, newcomers, cells, pairs: checks })
+    let sections =
+        vec![crate::chains::run(build, opts, tmp.path()), crate::iotest153::run(build, opts, tmp.path())];
+    Ok(Report { build: build.label(), holders, newcomers, cells, pairs, sections })
 }
 
 /// One holder's results.
@@ -358,22 +384,22 @@ fn lockset(a: Access) -> LockSet {
 }
 
 fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &[Row]) -> Vec<Pair> {
-    let mut checks = Vec::new();
+    let mut pairs = Vec::new();
     let cell = |h: usize, n: usize| rows[h].cells[n].as_ref();
     for (h, holder) in holders.iter().enumerate() {
         let row = &rows[h];
         if let Some(e) = &row.holder_error {
-            checks.push(Pair { ok: false, detail: e.clone(), cells: vec![] });
+            pairs.push(Pair { ok: false, detail: e.clone(), cells: vec![] });
             continue;
         }
         match &row.bytes {
-            Some(Ok(())) => checks.push(Pair { ok: true, detail: String::new(), cells: vec![] }),
-            Some(Err(detail)) => checks.push(Pair { ok: false, detail: detail.clone(), cells: vec![] }),
+            Some(Ok(())) => pairs.push(Pair { ok: true, detail: String::new(), cells: vec![] }),
+            Some(Err(detail)) => pairs.push(Pair { ok: false, detail: detail.clone(), cells: vec![] }),
             None => {}
         }
         for (n, newcomer) in newcomers.iter().enumerate() {
             if let Some(Outcome::Failed(m)) = cell(h, n) {
-                checks.push(Pair {
+                pairs.push(Pair {
                     ok: false,
                     detail: format!(
                         "holder {}, newcomer {}: could not run: {m}",
@@ -395,7 +421,7 @@ fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &
             }
             for (h, holder) in holders.iter().enumerate() {
                 let (Some(a), Some(b)) = (cell(h, p), cell(h, t)) else { continue };
-                checks.push(compare(
+                pairs.push(compare(
                     format!("holder {}, newcomer qlock {name} vs {}", holder.label(), q.label()),
                     ("qlock", a),
                     (&q.label(), b),
@@ -413,7 +439,7 @@ fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &
             }
             for (n, newcomer) in newcomers.iter().enumerate() {
                 let (Some(a), Some(b)) = (cell(q, n), cell(t, n)) else { continue };
-                checks.push(compare(
+                pairs.push(compare(
                     format!("newcomer {}, holder qlock {name} vs {}", newcomer.label(), twin.label()),
                     ("against qlock", a),
                     (&format!("against {}", twin.label()), b),
@@ -422,7 +448,7 @@ fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &
             }
         }
     }
-    checks
+    pairs
 }
 
 fn compare(pair: String, a: (&str, &Outcome), b: (&str, &Outcome), cells: Vec<(usize, usize)>) -> Pair {

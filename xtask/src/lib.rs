@@ -8,17 +8,24 @@
 //!
 //! Modules: [`catalogue`] (QEMU front ends and their accesses), [`qemu`] (builds),
 //! [`fetch`] (bookworm download), [`run`] (holders, newcomers and verdicts), [`compat`]
-//! (matrix and checks), [`mod@bench`], [`ci`], [`gluster`]. The qlock and foreign holders, and the real
+//! (matrix and checks), [`chains`] (the chain matrix) and [`iotest153`] (qemu-iotests 153) as
+//! [`section`]s of the compat run, comparing [`answer`]s of the `qlock` binary
+//! ([`qlock_bin`]) with real QEMU's, [`mod@bench`], [`ci`], [`gluster`]. The qlock and foreign holders, and the real
 //! `qemu-io` and storage-daemon holders, are qlock-testkit's.
 
+pub mod answer;
 pub mod bench;
 pub mod catalogue;
+pub mod chains;
 pub mod ci;
 pub mod compat;
 pub mod fetch;
 pub mod gluster;
+pub mod iotest153;
 pub mod qemu;
+pub mod qlock_bin;
 pub mod run;
+pub mod section;
 
 use std::path::PathBuf;
 

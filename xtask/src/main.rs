@@ -68,10 +68,14 @@ struct CompatArgs {
     /// Holders run at once (default: twice the CPUs).
     #[arg(short, long)]
     jobs: Option<usize>,
-    /// Only holders and newcomers whose label contains this; repeatable.
+    /// Only holders and newcomers whose label contains this; repeatable. `chain` (or
+    /// `chain qcow2-3`, ...) selects graphs of the chain matrix, `153` (or `153 qemu-io`, ...)
+    /// the qemu-iotests 153 rounds (by holder); no filter runs everything.
     #[arg(long)]
     only: Vec<String>,
-    /// Run preset NAME with another access, to see the check catch it (NAME=ACCESS).
+    /// Run preset NAME with another access, to see the check catch it (NAME=ACCESS);
+    /// `chain:PRESET=ACCESS` for qlock's chain holders and newcomers, `op:NAME=ACCESS` to
+    /// answer `check --op NAME` as `check --chain --access ACCESS` in the 153 rounds.
     #[arg(long, hide = true, value_parser = parse_mutation)]
     mutate: Vec<(String, Access)>,
 }

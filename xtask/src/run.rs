@@ -185,13 +185,13 @@ static FORK_GATE: RwLock<()> = RwLock::new(());
 
 /// `cmd.spawn()`, never while an in-process qlock newcomer holds locks. `spawn` returns after
 /// the child's `exec`, when it no longer shares our descriptors.
-fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     let _gate = FORK_GATE.read().unwrap_or_else(|e| e.into_inner());
     cmd.spawn()
 }
 
 /// `cmd.output()` through [`spawn`].
-fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+pub fn output(cmd: &mut Command) -> std::io::Result<std::process::Output> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     spawn(cmd)?.wait_with_output()
 }

@@ -73,8 +73,17 @@ fn assert_error(o: &Output, img: &Path, first: &str) {
     assert!(!err.contains("18446744073709551615"), "{err}");
 }
 
+/// Serialises this binary's tests. A child that one test is spawning shares every descriptor of
+/// the process until it execs, including another test's open file on its FUSE mount, and that
+/// test's `unmount` then fails with "Device or resource busy".
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn check_run_and_wait_fail_at_once_with_qemus_line_and_advice() {
+    let _serial = serial();
     for (errno, text) in UNSUPPORTED {
         let Some(fs) = mount(errno) else { return };
         let img = fs.path("disk.img");
@@ -115,6 +124,7 @@ fn check_run_and_wait_fail_at_once_with_qemus_line_and_advice() {
 
 #[test]
 fn status_says_locking_cannot_work_there_without_a_bogus_range() {
+    let _serial = serial();
     for (errno, text) in UNSUPPORTED {
         let Some(fs) = mount(errno) else { return };
         let img = fs.path("disk.img");
@@ -136,6 +146,7 @@ fn status_says_locking_cannot_work_there_without_a_bogus_range() {
 /// Other images in the same `status` call are still reported: the unsupported one fails alone.
 #[test]
 fn status_reports_the_other_images_beside_an_unsupported_one() {
+    let _serial = serial();
     let Some(fs) = mount(libc::ENOLCK) else { return };
     let local = fs.backing_path("disk.img");
     let o = Command::new(QLOCK).arg("status").arg(&local).arg(fs.path("disk.img")).output().unwrap();
@@ -148,6 +159,7 @@ fn status_reports_the_other_images_beside_an_unsupported_one() {
 /// The fixture leaves nothing mounted when a test panics while using it.
 #[test]
 fn a_panicking_test_leaves_nothing_mounted() {
+    let _serial = serial();
     let Some(probe) = FuseFs::mount_or_skip(Locks::Fail(libc::ENOLCK)) else { return };
     drop(probe);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -166,6 +178,7 @@ fn a_panicking_test_leaves_nothing_mounted() {
 /// once the server's end of /dev/fuse is closed by the kernel.
 #[test]
 fn a_killed_test_process_leaves_nothing_mounted() {
+    let _serial = serial();
     let Some(probe) = FuseFs::mount_or_skip(Locks::Fail(libc::ENOLCK)) else { return };
     drop(probe);
     // This test binary again, running only `mount_then_block` below (which prints its line
@@ -197,6 +210,7 @@ const CHILD_ENV: &str = "QLOCK_TEST_FUSE_CHILD";
 /// The child of `a_killed_test_process_leaves_nothing_mounted`; does nothing on its own.
 #[test]
 fn mount_then_block() {
+    let _serial = serial();
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
     }

@@ -53,8 +53,17 @@ fn qemu_io_error(args: &[&str], img: &Path) -> String {
     line[line.find("Failed").unwrap_or(0)..].to_string()
 }
 
+/// Serialises this binary's tests. A child that one test is spawning shares every descriptor of
+/// the process until it execs, including another test's open file on its FUSE mount, and that
+/// test's `unmount` then fails with "Device or resource busy".
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[test]
 fn acquire_fails_at_once_like_qemu_with_a_matchable_error_and_advice() {
+    let _serial = serial();
     for (errno, text) in UNSUPPORTED {
         let Some(fs) = mount_with_image(Locks::Fail(errno)) else { return };
         let img = fs.path("disk.qcow2");
@@ -93,6 +102,7 @@ fn acquire_fails_at_once_like_qemu_with_a_matchable_error_and_advice() {
 
 #[test]
 fn inspect_reports_an_unsupported_filesystem_without_a_bogus_range() {
+    let _serial = serial();
     for (errno, text) in UNSUPPORTED {
         let Some(fs) = mount_with_image(Locks::Fail(errno)) else { return };
         let err = inspect(&[fs.path("disk.qcow2")]).remove(0).unwrap_err();
@@ -104,6 +114,7 @@ fn inspect_reports_an_unsupported_filesystem_without_a_bogus_range() {
 
 #[test]
 fn other_lock_errors_keep_qemus_line_and_get_no_advice() {
+    let _serial = serial();
     let Some(fs) = mount_with_image(Locks::Fail(libc::EIO)) else { return };
     let img = fs.path("disk.qcow2");
     let err = ImageLock::acquire(&img, Access::READ).unwrap_err();
@@ -120,6 +131,7 @@ fn other_lock_errors_keep_qemus_line_and_get_no_advice() {
 /// filesystem never hears of them.
 #[test]
 fn without_a_lock_operation_the_kernel_keeps_locks_on_this_host() {
+    let _serial = serial();
     let Some(fs) = mount_with_image(Locks::Local) else { return };
     let img = fs.path("disk.qcow2");
     let vm = match FakeQemu::real(&img, FrontEnd::QemuIoRw, Format::Qcow2) {

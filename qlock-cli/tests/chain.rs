@@ -19,6 +19,11 @@ fn img(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "qemu-img {args:?}: {}", stderr(&out));
 }
 
+/// `qlock ARGS` run in `dir`, where the graph's relative names resolve.
+fn qlock_in<S: AsRef<std::ffi::OsStr>>(dir: &Path, args: &[S]) -> Output {
+    Command::new(QLOCK).current_dir(dir).args(args).output().unwrap()
+}
+
 /// top.qcow2 -> base.qcow2; dtop.qcow2 with data.raw (absolute name); rtop.qcow2 -> rbase.raw;
 /// other.qcow2 (a free image for compare and rebase).
 fn graph() -> tempfile::TempDir {
@@ -127,7 +132,7 @@ fn check_op_answers_as_the_real_qemu_img_does() {
             let d = dir.path();
             let mut holder = FakeQemu::real(d.join(file), fe, format).unwrap_or_else(|e| panic!("{fe}: {e}"));
             let (q, c) = commands(op, u, image);
-            let ours = Command::new(QLOCK).current_dir(d).args(&c).output().unwrap();
+            let ours = qlock_in(d, &c);
             let theirs =
                 Command::new("qemu-img").current_dir(d).env("LC_ALL", "C").args(&q).output().unwrap();
             holder.release().unwrap();
@@ -161,11 +166,7 @@ fn check_op_refuses_force_share_where_qemu_img_does_and_says_no_chain_on_json() 
     qlock_testkit::require!("qemu-io", "qemu-img");
     let dir = graph();
     let d = dir.path();
-    let out = Command::new(QLOCK)
-        .current_dir(d)
-        .args(["check", "top.qcow2", "--op", "commit", "-U"])
-        .output()
-        .unwrap();
+    let out = qlock_in(d, &["check", "top.qcow2", "--op", "commit", "-U"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("no -U"), "{}", stderr(&out));
     img(
@@ -187,15 +188,11 @@ fn check_op_refuses_force_share_where_qemu_img_does_and_says_no_chain_on_json() 
     for args in
         [&["check", "j.qcow2", "--op", "check"][..], &["check", "--chain", "--access", "read", "j.qcow2"]]
     {
-        let out = Command::new(QLOCK).current_dir(d).args(args).output().unwrap();
+        let out = qlock_in(d, args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(stderr(&out).contains("--no-chain"), "{}", stderr(&out));
     }
-    let out = Command::new(QLOCK)
-        .current_dir(d)
-        .args(["check", "--no-chain", "--access", "read", "j.qcow2"])
-        .output()
-        .unwrap();
+    let out = qlock_in(d, &["check", "--no-chain", "--access", "read", "j.qcow2"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
@@ -258,7 +255,7 @@ fn status_chain_names_each_node_and_each_holders_role() {
     let dir = graph();
     let d = dir.path();
     let qemu = FakeQemu::real(d.join("top.qcow2"), FrontEnd::QemuIoReadOnly, Format::Qcow2).unwrap();
-    let out = Command::new(QLOCK).current_dir(d).args(["status", "--chain", "top.qcow2"]).output().unwrap();
+    let out = qlock_in(d, &["status", "--chain", "top.qcow2"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("top.qcow2 (top, qcow2)"), "{text}");
@@ -266,11 +263,7 @@ fn status_chain_names_each_node_and_each_holders_role() {
     let pid = qemu.pid();
     assert!(text.contains(&format!("pid {pid} (qemu-io) holds base.qcow2 as a backing file of ")), "{text}");
     assert!(text.contains(&format!("pid {pid} (qemu-io) holds top.qcow2 as its own image")), "{text}");
-    let out = Command::new(QLOCK)
-        .current_dir(d)
-        .args(["status", "--chain", "--json", "top.qcow2"])
-        .output()
-        .unwrap();
+    let out = qlock_in(d, &["status", "--chain", "--json", "top.qcow2"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let chain = &v["images"][0]["chain"];
     assert_eq!(chain[0]["role"], "top");

@@ -5,7 +5,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 
-use common::{QLOCK, qcow2, qlock, raw, real, stderr};
+use common::{QLOCK, held_by_qemu_io, qcow2, qlock, raw, real, stderr};
 use qlock_testkit::FrontEnd;
 
 /// QEMU's message after the tool's prefix, e.g. `Failed to get "write" lock` and the hint.
@@ -19,9 +19,7 @@ fn qemu_message(o: &Output) -> String {
 
 #[test]
 fn check_agrees_with_qemu_io_against_a_real_qemu_holder() {
-    qlock_testkit::require!("qemu-io", "qemu-img");
-    let img = qcow2();
-    let _vm = real(&img, FrontEnd::QemuIoRw);
+    let Some((img, _vm)) = held_by_qemu_io() else { return };
     // (preset, the qemu-io newcomer with the same access)
     for (preset, qemu_args) in [("read", &["-r", "-f", "qcow2"][..]), ("write", &["-f", "qcow2"][..])] {
         let ours = qlock(&["check", "--access", preset], img.path());
@@ -120,9 +118,7 @@ fn run_is_all_or_nothing_over_several_images() {
 
 #[test]
 fn wait_times_out_naming_the_holder_then_gets_in_when_it_exits() {
-    qlock_testkit::require!("qemu-io", "qemu-img");
-    let img = qcow2();
-    let vm = real(&img, FrontEnd::QemuIoRw);
+    let Some((img, vm)) = held_by_qemu_io() else { return };
     let o = qlock(&["wait", "--access", "read", "--timeout", "0.2"], img.path());
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);

@@ -7,31 +7,25 @@
 //! then a `hint:` saying what to do. `status` cannot see any lock there: it exits 2 with
 //! `Failed to probe byte-range locks: <strerror>` and the same hint.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use nix::libc;
-use qlock_testkit::fuse::{FuseFs, Locks, is_mount_point};
+use qlock_testkit::fuse::{FuseFs, Locks, UNSUPPORTED, is_mount_point};
 
 const QLOCK: &str = env!("CARGO_BIN_EXE_qlock");
-
-/// The errnos a filesystem without lock support answers with, and their C library text.
-const UNSUPPORTED: [(i32, &str); 4] = [
-    (libc::ENOLCK, "No locks available"),
-    (libc::ENOSYS, "Function not implemented"),
-    (libc::EOPNOTSUPP, "Operation not supported"),
-    (libc::EINVAL, "Invalid argument"),
-];
 
 /// Waiting cannot help: every command must give up well before its `--timeout`.
 const AT_ONCE: Duration = Duration::from_secs(5);
 
-/// Mounts a filesystem failing locks with `errno`, with a raw image `disk.img` in it.
-fn mount(errno: i32) -> Option<FuseFs> {
+/// Mounts a filesystem failing locks with `errno`, with a raw image `disk.img` in it: the mount
+/// and the image's path through it.
+fn mount(errno: i32) -> Option<(FuseFs, PathBuf)> {
     let fs = FuseFs::mount_or_skip(Locks::Fail(errno))?;
     std::fs::write(fs.backing_path("disk.img"), vec![0u8; 1 << 20]).expect("create image");
-    Some(fs)
+    let img = fs.path("disk.img");
+    Some((fs, img))
 }
 
 /// Runs qlock with `args` and then `image`, timing it.
@@ -73,20 +67,11 @@ fn assert_error(o: &Output, img: &Path, first: &str) {
     assert!(!err.contains("18446744073709551615"), "{err}");
 }
 
-/// Serialises this binary's tests. A child that one test is spawning shares every descriptor of
-/// the process until it execs, including another test's open file on its FUSE mount, and that
-/// test's `unmount` then fails with "Device or resource busy".
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[test]
 fn check_run_and_wait_fail_at_once_with_qemus_line_and_advice() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     for (errno, text) in UNSUPPORTED {
-        let Some(fs) = mount(errno) else { return };
-        let img = fs.path("disk.img");
+        let Some((fs, img)) = mount(errno) else { return };
         let line = format!("Failed to lock byte 100: {text}");
         if let Some(qemu) = qemu_io_line(&img) {
             assert_eq!(qemu, line, "qemu-io on the same mount");
@@ -124,10 +109,9 @@ fn check_run_and_wait_fail_at_once_with_qemus_line_and_advice() {
 
 #[test]
 fn status_says_locking_cannot_work_there_without_a_bogus_range() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     for (errno, text) in UNSUPPORTED {
-        let Some(fs) = mount(errno) else { return };
-        let img = fs.path("disk.img");
+        let Some((_fs, img)) = mount(errno) else { return };
         let (o, took) = qlock(&["status"], &img);
         assert!(took < AT_ONCE, "{text}: status took {took:?}");
         assert_eq!(o.status.code(), Some(2), "{text}: {}", stderr(&o));
@@ -146,10 +130,10 @@ fn status_says_locking_cannot_work_there_without_a_bogus_range() {
 /// Other images in the same `status` call are still reported: the unsupported one fails alone.
 #[test]
 fn status_reports_the_other_images_beside_an_unsupported_one() {
-    let _serial = serial();
-    let Some(fs) = mount(libc::ENOLCK) else { return };
+    let _serial = qlock_testkit::serial();
+    let Some((fs, img)) = mount(libc::ENOLCK) else { return };
     let local = fs.backing_path("disk.img");
-    let o = Command::new(QLOCK).arg("status").arg(&local).arg(fs.path("disk.img")).output().unwrap();
+    let o = Command::new(QLOCK).arg("status").arg(&local).arg(&img).output().unwrap();
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains(&local.display().to_string()) && out.contains("write         free"), "{out}");
@@ -159,7 +143,7 @@ fn status_reports_the_other_images_beside_an_unsupported_one() {
 /// The fixture leaves nothing mounted when a test panics while using it.
 #[test]
 fn a_panicking_test_leaves_nothing_mounted() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     let Some(probe) = FuseFs::mount_or_skip(Locks::Fail(libc::ENOLCK)) else { return };
     drop(probe);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -178,7 +162,7 @@ fn a_panicking_test_leaves_nothing_mounted() {
 /// once the server's end of /dev/fuse is closed by the kernel.
 #[test]
 fn a_killed_test_process_leaves_nothing_mounted() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     let Some(probe) = FuseFs::mount_or_skip(Locks::Fail(libc::ENOLCK)) else { return };
     drop(probe);
     // This test binary again, running only `mount_then_block` below (which prints its line
@@ -210,7 +194,7 @@ const CHILD_ENV: &str = "QLOCK_TEST_FUSE_CHILD";
 /// The child of `a_killed_test_process_leaves_nothing_mounted`; does nothing on its own.
 #[test]
 fn mount_then_block() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     if std::env::var_os(CHILD_ENV).is_none() {
         return;
     }

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Lines, QLOCK, qlock, raw, stderr, stdout};
@@ -68,6 +68,18 @@ fn run_script(img: &std::path::Path, extra: &[&str], script: &str) -> (std::proc
     (child, lines)
 }
 
+/// [`run_script`] with a `script` that says `ready` first; once it has, qlock itself (not the
+/// command) is killed with SIGKILL and reaped. Returns the command's stdin, to keep open
+/// (`Child::wait` would close it, and the command would read its end of file), and its lines.
+fn kill_qlock_once_ready(img: &std::path::Path, extra: &[&str], script: &str) -> (ChildStdin, Lines) {
+    let (mut qlock_run, lines) = run_script(img, extra, script);
+    let stdin = qlock_run.stdin.take().unwrap();
+    lines.until("ready");
+    kill(Pid::from_raw(qlock_run.id() as i32), Signal::SIGKILL).unwrap();
+    assert_eq!(qlock_run.wait().unwrap().signal(), Some(Signal::SIGKILL as i32));
+    (stdin, lines)
+}
+
 #[test]
 fn a_signal_to_qlock_reaches_the_command_at_once_and_qlock_exits_as_it_did() {
     let img = raw();
@@ -111,17 +123,18 @@ fn ctrl_c_on_a_terminal_interrupts_the_command() {
     assert!(typed.elapsed() < Duration::from_secs(20), "Ctrl-C took {:?}", typed.elapsed());
 }
 
+/// Nobody holds `img` any more: `qlock check --access write` gets in.
+fn assert_free(img: &std::path::Path, when: &str) {
+    let o = qlock(&["check", "--access", "write"], img);
+    assert_eq!(o.status.code(), Some(0), "free {when}: {}", stderr(&o));
+}
+
 #[test]
 fn a_killed_qlock_leaves_the_locks_with_the_command_until_it_exits() {
     qlock_testkit::require!("qemu-io", "qemu-img");
     let img = raw();
-    let (mut qlock_run, lines) =
-        run_script(img.path(), &["--access", "write"], "echo ready; read line; echo bye");
-    // Kept open: `Child::wait` would close it, and the command would read its end of file.
-    let mut stdin = qlock_run.stdin.take().unwrap();
-    lines.until("ready");
-    kill(Pid::from_raw(qlock_run.id() as i32), Signal::SIGKILL).unwrap();
-    assert_eq!(qlock_run.wait().unwrap().signal(), Some(Signal::SIGKILL as i32));
+    let (mut stdin, lines) =
+        kill_qlock_once_ready(img.path(), &["--access", "write"], "echo ready; read line; echo bye");
 
     // qlock is gone; the command still holds the image, against qlock and against QEMU.
     let o = qlock(&["check", "--access", "read"], img.path());
@@ -134,24 +147,18 @@ fn a_killed_qlock_leaves_the_locks_with_the_command_until_it_exits() {
     stdin.write_all(b"go\n").unwrap();
     assert_eq!(lines.next().as_deref(), Some("bye"));
     assert_eq!(lines.next(), None, "the command has exited");
-    let o = qlock(&["check", "--access", "write"], img.path());
-    assert_eq!(o.status.code(), Some(0), "free once the command exited: {}", stderr(&o));
+    assert_free(img.path(), "once the command exited");
 }
 
 #[test]
 fn with_close_a_killed_qlock_takes_the_command_with_it() {
     let img = raw();
-    let (mut qlock_run, lines) =
-        run_script(img.path(), &["--access", "write", "--close"], "echo ready; read line");
-    let _stdin = qlock_run.stdin.take().unwrap(); // open until the end, see above
-    lines.until("ready");
-    kill(Pid::from_raw(qlock_run.id() as i32), Signal::SIGKILL).unwrap();
-    qlock_run.wait().unwrap();
+    let (_stdin, lines) =
+        kill_qlock_once_ready(img.path(), &["--access", "write", "--close"], "echo ready; read line");
     // The command never gets its line (the test keeps stdin open): its stdout ends only
     // because it died with qlock.
     assert_eq!(lines.next(), None, "the command outlived qlock");
-    let o = qlock(&["check", "--access", "write"], img.path());
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_free(img.path(), "once qlock and the command are gone");
 }
 
 #[test]

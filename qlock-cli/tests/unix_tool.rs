@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 
-use common::{QLOCK, qcow2, qlock, raw, real, stderr};
-use qlock_testkit::FrontEnd;
+use common::{QLOCK, held_by_qemu_io, qlock, raw, stderr};
 
 fn qlock_many(args: &[&str], images: &[PathBuf]) -> std::process::Output {
     Command::new(QLOCK).args(args).args(images).output().expect("run qlock")
@@ -65,9 +64,7 @@ fn an_image_named_twice_is_taken_once() {
 
 #[test]
 fn status_names_the_holder_under_every_name() {
-    qlock_testkit::require!("qemu-io", "qemu-img");
-    let img = qcow2();
-    let _vm = real(&img, FrontEnd::QemuIoRw);
+    let Some((img, _vm)) = held_by_qemu_io() else { return };
     for (how, names) in spellings(img.path()) {
         let o = qlock_many(&["status", "--json"], &names);
         assert_eq!(o.status.code(), Some(0), "{how}: {}", stderr(&o));
@@ -129,9 +126,7 @@ fn a_closed_pipe_ends_quietly_as_for_other_unix_tools() {
 
 #[test]
 fn timeout_implies_waiting_in_check_and_run() {
-    qlock_testkit::require!("qemu-io", "qemu-img");
-    let img = qcow2();
-    let vm = real(&img, FrontEnd::QemuIoRw);
+    let Some((img, vm)) = held_by_qemu_io() else { return };
     let o = qlock(&["check", "--access", "read", "--timeout", "0.2"], img.path());
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("Timed out after"), "check waited: {}", stderr(&o));
@@ -210,9 +205,7 @@ fn errors_name_the_path_once_in_every_subcommand() {
 
 #[test]
 fn the_waiting_line_fits_the_terminal() {
-    qlock_testkit::require!("qemu-io", "qemu-img");
-    let img = qcow2();
-    let vm = real(&img, FrontEnd::QemuIoRw);
+    let Some((img, vm)) = held_by_qemu_io() else { return };
     let size = nix::pty::Winsize { ws_row: 24, ws_col: 60, ws_xpixel: 0, ws_ypixel: 0 };
     let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
     let mut waiter = Command::new(QLOCK)

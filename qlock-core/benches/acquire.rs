@@ -22,21 +22,12 @@ use nix::libc;
 use qlock_core::fcntl_calls;
 use qlock_core::inspect;
 use qlock_core::{Access, ImageLock, LockOptions};
+use qlock_testkit::raw::flock;
 
 const ROLE: &str = "QLOCK_BENCH_ROLE";
 const BATCH: u32 = 2_000;
 const ROUNDS: usize = 41;
 const HOLDERS: usize = 500;
-
-fn flock(ty: libc::c_int, start: u64, len: u64) -> libc::flock {
-    libc::flock {
-        l_type: ty as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start as libc::off_t,
-        l_len: len as libc::off_t,
-        l_pid: 0,
-    }
-}
 
 fn setlk(f: &File, ty: libc::c_int, start: u64, len: u64) {
     fcntl(f.as_fd(), FcntlArg::F_OFD_SETLK(&flock(ty, start, len))).expect("setlk");

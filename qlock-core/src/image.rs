@@ -566,18 +566,20 @@ fn unlock_runs(fd: BorrowedFd<'_>, kind: LockKind, set: LockSet, path: &Path) {
     }
 }
 
+/// An empty image file in a fresh temporary directory, for the unit tests of every module.
+#[cfg(test)]
+pub(crate) fn temp_image() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    std::fs::write(&path, b"").expect("create image");
+    (dir, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::inspect::inspect;
     use crate::sys::seam;
-
-    fn image() -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("disk.img");
-        std::fs::write(&path, b"").expect("create image");
-        (dir, path)
-    }
 
     /// The protocol bytes held by anyone other than a fresh description of `path`.
     fn held_from_outside(path: &Path) -> LockSet {
@@ -592,7 +594,7 @@ mod tests {
             for preset in Access::PRESETS {
                 for k in 0..12 {
                     for errno in errnos {
-                        let (_dir, path) = image();
+                        let (_dir, path) = temp_image();
                         let mut lock = ImageLock::open(&path, &LockOptions::default()).unwrap();
                         if let Some(old) = old {
                             lock.set_access(old).unwrap();
@@ -622,7 +624,7 @@ mod tests {
 
     #[test]
     fn lock_phase_errors_name_the_byte_like_qemu() {
-        let (_dir, path) = image();
+        let (_dir, path) = temp_image();
         let mut lock = ImageLock::open(&path, &LockOptions::default()).unwrap();
         seam::fail_lock_call(0, libc::ENOLCK);
         let err = lock.set_access(Access::WRITE).unwrap_err();
@@ -646,7 +648,7 @@ mod tests {
 
     #[test]
     fn an_acquire_of_write_makes_six_fcntl_calls_at_most() {
-        let (_dir, path) = image();
+        let (_dir, path) = temp_image();
         let before = seam::calls();
         let lock = ImageLock::acquire(&path, Access::WRITE).unwrap();
         drop(lock);

@@ -45,13 +45,12 @@ impl Drop for PosixClaim {
 
 #[cfg(test)]
 mod tests {
+    use crate::image::temp_image;
     use crate::{Access, Error, ImageLock, LockOptions, Locking, inspect};
 
     #[test]
     fn a_second_posix_guard_on_one_image_is_refused_and_the_first_keeps_its_locks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk.img");
-        std::fs::write(&path, b"").unwrap();
+        let (_dir, path) = temp_image();
         let posix = LockOptions::default().with_locking(Locking::On).with_force_posix(true);
         let first = ImageLock::acquire_with(&path, Access::WRITE, &posix).unwrap();
         let err = ImageLock::acquire_with(&path, Access::READ, &posix).unwrap_err();

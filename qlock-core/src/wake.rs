@@ -104,13 +104,12 @@ pub fn sleep_or_close(watches: &[CloseWatch], timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::temp_image;
     use crate::{Access, ImageLock};
 
     #[test]
     fn a_holder_releasing_its_image_is_seen_and_our_own_probes_are_not_missed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        std::fs::write(&path, b"").unwrap();
+        let (_dir, path) = temp_image();
         let holder = ImageLock::acquire(&path, Access::WRITE).unwrap();
         let watch = CloseWatch::new(&path).unwrap();
         assert!(!watch.drain().unwrap());

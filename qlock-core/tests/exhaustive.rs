@@ -59,19 +59,24 @@ fn check_acquire(path: &std::path::Path, holder: &Raw, others: Others, wanted: A
     assert_eq!(held_from_outside(path), others.held.union(mine), "third description: {}", case());
 }
 
-/// All 65,536 pairs (held, wanted) of accesses over the four bits, the holder taking its bytes
-/// as OFD read locks.
-#[test]
-fn every_held_and_wanted_access_pair_matches_the_reference() {
+/// Every wanted access against each `(read, write)` set of raw locks a holder takes in turn.
+fn check_every_acquire_against(holds: impl Iterator<Item = (LockSet, LockSet)>) {
     let (_dir, path) = image();
     let holder = Raw::open(&path);
-    for held in all_accesses() {
-        holder.hold(set(held), LockSet::EMPTY);
-        let others = Others { held: set(held), write_locked: LockSet::EMPTY };
+    for (read, write) in holds {
+        holder.hold(read, write);
+        let others = Others { held: read.union(write), write_locked: write };
         for wanted in all_accesses() {
             check_acquire(&path, &holder, others, wanted);
         }
     }
+}
+
+/// All 65,536 pairs (held, wanted) of accesses over the four bits, the holder taking its bytes
+/// as OFD read locks.
+#[test]
+fn every_held_and_wanted_access_pair_matches_the_reference() {
+    check_every_acquire_against(all_accesses().map(|held| (set(held), LockSet::EMPTY)));
 }
 
 /// Foreign write locks on every subset of the protocol bytes (with read locks on a random part
@@ -79,18 +84,11 @@ fn every_held_and_wanted_access_pair_matches_the_reference() {
 /// byte in QEMU's lock order, and roll back the bytes it took before it.
 #[test]
 fn write_locked_bytes_fail_the_lock_phase_like_qemu() {
-    let (_dir, path) = image();
-    let holder = Raw::open(&path);
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
-    for mask in 1..=255u8 {
+    check_every_acquire_against((1..=255u8).map(|mask| {
         let write = lockset_of_mask(mask);
-        let read = lockset_of_mask(rng.next_u8() & !mask);
-        holder.hold(read, write);
-        let others = Others { held: read.union(write), write_locked: write };
-        for wanted in all_accesses() {
-            check_acquire(&path, &holder, others, wanted);
-        }
-    }
+        (lockset_of_mask(rng.next_u8() & !mask), write)
+    }));
 }
 
 /// Access changes on a held lock (docs/protocol.md §3): every (old, new) pair, each against a

@@ -12,13 +12,11 @@ use qlock_core::graph::qcow2::{Header, HeaderError, probe};
 use qlock_core::graph::{Chain, ChainError, Format, Role};
 use qlock_core::{Access, ImageLock, LockOptions};
 
-/// Whether qemu-img is here; under `CI=true` its absence fails the test.
-fn qemu_img() -> bool {
-    if common::have("qemu-img") {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none_or(|v| v != "true"), "qemu-img is required under CI=true");
-    false
+/// A fresh directory for `qemu-img` to write images in; `None` without qemu-img (the test
+/// skips, or fails under `CI=true`).
+fn scratch() -> Option<tempfile::TempDir> {
+    qlock_testkit::require!("qemu-img");
+    Some(tempfile::tempdir().unwrap())
 }
 
 fn img(dir: &Path, args: &[&str]) {
@@ -52,10 +50,7 @@ const B2: Role = Role::Backing { depth: 2 };
 
 #[test]
 fn v2_and_v3_chains_written_by_qemu_img() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     img(d, &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", "base.qcow2", "1M"]);
     img(
@@ -81,10 +76,7 @@ fn v2_and_v3_chains_written_by_qemu_img() {
 
 #[test]
 fn raw_bases_data_files_and_probing() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     raw(&d.join("base.raw"));
     img(d, &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2"]);
@@ -130,10 +122,7 @@ fn drop_backing_format(path: &Path) {
 
 #[test]
 fn without_a_recorded_format_the_backing_file_is_probed() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     raw(&d.join("base.raw"));
     img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
@@ -149,10 +138,7 @@ fn without_a_recorded_format_the_backing_file_is_probed() {
 
 #[test]
 fn other_formats_are_named_and_refused() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     for format in ["vmdk", "vdi", "vhdx", "qed", "vpc", "parallels"] {
         let name = format!("base.{format}");
@@ -181,10 +167,7 @@ fn other_formats_are_named_and_refused() {
 
 #[test]
 fn names_that_are_not_local_files_are_refused() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     let cases = [
         ("nbd://localhost/x", Some("nbd")),
@@ -208,10 +191,7 @@ fn names_that_are_not_local_files_are_refused() {
 
 #[test]
 fn missing_backing_files_fail_as_in_qemu() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     img(d, &["create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2", "top.qcow2", "1M"]);
     let err = chain(&d.join("top.qcow2")).unwrap_err();
@@ -234,10 +214,7 @@ fn missing_backing_files_fail_as_in_qemu() {
 
 #[test]
 fn loops_are_found_by_device_and_inode() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     img(d, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
     img(d, &["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2"]);
@@ -257,10 +234,7 @@ fn loops_are_found_by_device_and_inode() {
 
 #[test]
 fn absurd_depth_is_refused() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
     let base = std::fs::read(d.join("base.qcow2")).unwrap();
@@ -286,10 +260,7 @@ fn absurd_depth_is_refused() {
 
 #[test]
 fn corrupt_and_truncated_headers_are_typed_errors() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     img(d, &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "-u", "top.qcow2", "1M"]);
     let good = std::fs::read(d.join("top.qcow2")).unwrap();
@@ -368,10 +339,7 @@ proptest! {
 
 #[test]
 fn relative_data_file_names_resolve_against_the_working_directory() {
-    if !qemu_img() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = scratch() else { return };
     let d = dir.path();
     raw(&d.join("data.raw"));
     img(d, &["create", "-q", "-f", "qcow2", "-o", "data_file=data.raw,data_file_raw=on", "top.qcow2", "1M"]);

@@ -14,16 +14,8 @@ use std::time::{Duration, Instant};
 use nix::libc;
 use qlock_core::inspect;
 use qlock_core::{Access, Backoff, Error, ImageLock, LockOptions, Verdict};
-use qlock_testkit::fuse::{FuseFs, Locks};
+use qlock_testkit::fuse::{FuseFs, Locks, UNSUPPORTED};
 use qlock_testkit::{FakeQemu, Format, FrontEnd};
-
-/// The errnos a filesystem without lock support answers with, and their C library text.
-const UNSUPPORTED: [(i32, &str); 4] = [
-    (libc::ENOLCK, "No locks available"),
-    (libc::ENOSYS, "Function not implemented"),
-    (libc::EOPNOTSUPP, "Operation not supported"),
-    (libc::EINVAL, "Invalid argument"),
-];
 
 /// Mounts `locks` with a 1 MiB qcow2 image `disk.qcow2` in it, created behind the mount (where
 /// qemu-img can lock). `None` when FUSE or qemu-img is missing outside CI.
@@ -53,17 +45,9 @@ fn qemu_io_error(args: &[&str], img: &Path) -> String {
     line[line.find("Failed").unwrap_or(0)..].to_string()
 }
 
-/// Serialises this binary's tests. A child that one test is spawning shares every descriptor of
-/// the process until it execs, including another test's open file on its FUSE mount, and that
-/// test's `unmount` then fails with "Device or resource busy".
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 #[test]
 fn acquire_fails_at_once_like_qemu_with_a_matchable_error_and_advice() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     for (errno, text) in UNSUPPORTED {
         let Some(fs) = mount_with_image(Locks::Fail(errno)) else { return };
         let img = fs.path("disk.qcow2");
@@ -102,7 +86,7 @@ fn acquire_fails_at_once_like_qemu_with_a_matchable_error_and_advice() {
 
 #[test]
 fn inspect_reports_an_unsupported_filesystem_without_a_bogus_range() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     for (errno, text) in UNSUPPORTED {
         let Some(fs) = mount_with_image(Locks::Fail(errno)) else { return };
         let err = inspect(&[fs.path("disk.qcow2")]).remove(0).unwrap_err();
@@ -114,7 +98,7 @@ fn inspect_reports_an_unsupported_filesystem_without_a_bogus_range() {
 
 #[test]
 fn other_lock_errors_keep_qemus_line_and_get_no_advice() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     let Some(fs) = mount_with_image(Locks::Fail(libc::EIO)) else { return };
     let img = fs.path("disk.qcow2");
     let err = ImageLock::acquire(&img, Access::READ).unwrap_err();
@@ -131,7 +115,7 @@ fn other_lock_errors_keep_qemus_line_and_get_no_advice() {
 /// filesystem never hears of them.
 #[test]
 fn without_a_lock_operation_the_kernel_keeps_locks_on_this_host() {
-    let _serial = serial();
+    let _serial = qlock_testkit::serial();
     let Some(fs) = mount_with_image(Locks::Local) else { return };
     let img = fs.path("disk.qcow2");
     let vm = match FakeQemu::real(&img, FrontEnd::QemuIoRw, Format::Qcow2) {

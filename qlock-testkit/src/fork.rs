@@ -33,6 +33,7 @@ use nix::errno::Errno;
 use nix::libc;
 use nix::unistd::{ForkResult, Pid};
 
+use crate::raw::flock;
 use crate::wire::{self, Cmd, Decoded, Op, REQUEST_SIZE, Reply, Status};
 
 /// What the child needs, all prepared before the fork.
@@ -210,16 +211,6 @@ fn run_quietly(img: RawFd, ops: &[Op]) {
     }
 }
 
-fn flock(ty: libc::c_int, op: &Op) -> libc::flock {
-    libc::flock {
-        l_type: ty as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: op.start as libc::off_t,
-        l_len: op.len as libc::off_t,
-        l_pid: 0,
-    }
-}
-
 /// Sets or releases one lock, never waiting in the kernel.
 fn set_lock(img: RawFd, op: &Op) -> Result<(), i32> {
     let ty = match op.cmd {
@@ -229,7 +220,7 @@ fn set_lock(img: RawFd, op: &Op) -> Result<(), i32> {
         Cmd::Test => return Ok(()),
     };
     let cmd = if op.posix { libc::F_SETLK } else { libc::F_OFD_SETLK };
-    let fl = flock(ty, op);
+    let fl = flock(ty, op.start, op.len);
     loop {
         // SAFETY: `fl` is a valid, initialised flock on our stack for the duration of the call.
         if unsafe { libc::fcntl(img, cmd, &fl) } == 0 {
@@ -245,7 +236,7 @@ fn set_lock(img: RawFd, op: &Op) -> Result<(), i32> {
 /// Probes with a write lock; returns the first conflicting lock as `(start, len, write, pid)`.
 fn test_lock(img: RawFd, op: &Op) -> Result<Option<(u64, u64, bool, i32)>, i32> {
     let cmd = if op.posix { libc::F_GETLK } else { libc::F_OFD_GETLK };
-    let mut fl = flock(libc::F_WRLCK, op);
+    let mut fl = flock(libc::F_WRLCK, op.start, op.len);
     loop {
         // SAFETY: `fl` is a valid flock on our stack that the kernel fills in.
         if unsafe { libc::fcntl(img, cmd, &mut fl) } == 0 {

@@ -58,6 +58,15 @@ pub enum Locks {
     Local,
 }
 
+/// The errnos a filesystem without lock support answers lock calls with, and their C library
+/// text (what QEMU's `Failed to lock byte 100: ...` ends with): the [`Locks::Fail`] cases.
+pub const UNSUPPORTED: [(i32, &str); 4] = [
+    (nix::libc::ENOLCK, "No locks available"),
+    (nix::libc::ENOSYS, "Function not implemented"),
+    (nix::libc::EOPNOTSUPP, "Operation not supported"),
+    (nix::libc::EINVAL, "Invalid argument"),
+];
+
 /// A mounted FUSE filesystem passing files through to a temporary directory; unmounted on drop.
 #[derive(Debug)]
 pub struct FuseFs {

@@ -62,6 +62,7 @@ pub mod newcomer;
 pub mod raw;
 mod real;
 pub mod reexec;
+mod serial;
 mod skip;
 mod wire;
 
@@ -72,4 +73,5 @@ pub use image::{IMAGE_SIZE, TempImage};
 pub use newcomer::Newcomer;
 pub use qlock_core::{Access, LockKind, Perm};
 pub use raw::RawLock;
+pub use serial::serial;
 pub use skip::{in_ci, require, require_all, skip};

@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use nix::libc;
+
 use qlock_core::plan::plan;
 use qlock_core::{Check, LockKind, LockSet, Perm};
 
@@ -87,6 +89,19 @@ impl RawLock {
     fn op(self) -> Op {
         let cmd = if self.write { Cmd::Write } else { Cmd::Read };
         Op { cmd, posix: self.kind == LockKind::Posix, start: self.start, len: self.len }
+    }
+}
+
+/// The `struct flock` of one fcntl lock call: `l_type` (`F_RDLCK`, `F_WRLCK`, `F_UNLCK`) on
+/// `len` bytes from `start` (0: to the end of the file), with the `l_pid` of 0 that OFD
+/// commands require. For tests and benchmarks that make the calls by hand.
+pub fn flock(l_type: libc::c_int, start: u64, len: u64) -> libc::flock {
+    libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start as libc::off_t,
+        l_len: len as libc::off_t,
+        l_pid: 0,
     }
 }
 

@@ -10,18 +10,19 @@ use std::process::Command;
 use qlock_core::LockSet;
 use qlock_core::inspect;
 use qlock_testkit::{Access, Error, FakeQemu, Format, FrontEnd};
-
-fn have_qemu() -> bool {
-    qlock_testkit::require_all(&["qemu-img", "qemu-io", "qemu-storage-daemon"])
-}
+use tempfile::TempDir;
 
 fn img(dir: &Path, args: &[&str]) {
     let out = Command::new("qemu-img").current_dir(dir).args(args).output().unwrap();
     assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// top.qcow2 (data file) → mid.qcow2 → base.raw; returns the nodes in discovery order.
-fn graph(dir: &Path) -> Vec<PathBuf> {
+/// top.qcow2 (data file) → mid.qcow2 → base.raw in a fresh directory; returns it and the nodes
+/// in discovery order, or `None` without QEMU (the test skips, or fails under `CI=true`).
+fn graph() -> Option<(TempDir, Vec<PathBuf>)> {
+    qlock_testkit::require!("qemu-img", "qemu-io", "qemu-storage-daemon");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     let p = |n: &str| dir.join(n);
     std::fs::File::create(p("base.raw")).unwrap().set_len(1 << 20).unwrap();
     img(dir, &["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", "mid.qcow2"]);
@@ -30,7 +31,8 @@ fn graph(dir: &Path) -> Vec<PathBuf> {
         dir,
         &["create", "-q", "-f", "qcow2", "-o", &data, "-F", "qcow2", "-b", "mid.qcow2", "top.qcow2", "1M"],
     );
-    vec![p("top.qcow2"), p("data.raw"), p("mid.qcow2"), p("base.raw")]
+    let nodes = vec![p("top.qcow2"), p("data.raw"), p("mid.qcow2"), p("base.raw")];
+    Some((tmp, nodes))
 }
 
 /// The bytes `pid` holds on each node.
@@ -50,11 +52,7 @@ fn held_by(pid: u32, nodes: &[PathBuf]) -> Vec<String> {
 
 #[test]
 fn a_fake_chain_holder_holds_what_the_real_front_end_holds_on_every_node() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = graph(dir.path());
+    let Some((_dir, nodes)) = graph() else { return };
     let fronts = [
         FrontEnd::QemuIoRw,
         FrontEnd::QemuIoReadOnly,
@@ -80,11 +78,7 @@ fn a_fake_chain_holder_holds_what_the_real_front_end_holds_on_every_node() {
 
 #[test]
 fn a_fake_chain_newcomer_is_refused_as_qemu_io_is() {
-    if !have_qemu() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let nodes = graph(dir.path());
+    let Some((_dir, nodes)) = graph() else { return };
     let (data, mid) = (&nodes[1], &nodes[2]);
     let blockers: [(&str, Vec<(&PathBuf, Access)>); 4] = [
         ("write on mid", vec![(mid, Access::WRITE)]),

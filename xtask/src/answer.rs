@@ -9,6 +9,8 @@
 //! X: ` in `qemu-io`, `Could not open 'X': ` in `qemu-img` and `qlock`, `--blockdev OPTS: ` in
 //! `qemu-storage-daemon`), are cut.
 
+use crate::compat::Compared;
+
 /// What a command got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -89,15 +91,6 @@ impl Answer {
         }
     }
 
-    /// Same exit class and, when refused, the same message; a broken run agrees with nothing.
-    pub fn agrees(&self, other: &Answer) -> bool {
-        match (self, other) {
-            (Answer::Broken(_), _) | (_, Answer::Broken(_)) => false,
-            (Answer::NotLocks(_), Answer::NotLocks(_)) | (Answer::Granted, Answer::Granted) => true,
-            (a, b) => a == b,
-        }
-    }
-
     /// One character for the matrices (the compat legend's, plus `n` for "refused before any
     /// lock").
     pub fn symbol(&self) -> char {
@@ -110,9 +103,19 @@ impl Answer {
             Answer::Broken(_) => 'E',
         }
     }
+}
 
-    /// On one line, for reports.
-    pub fn describe(&self) -> String {
+impl Compared for Answer {
+    /// Same exit class and, when refused, the same message; a broken run agrees with nothing.
+    fn agrees(&self, other: &Answer) -> bool {
+        match (self, other) {
+            (Answer::Broken(_), _) | (_, Answer::Broken(_)) => false,
+            (Answer::NotLocks(_), Answer::NotLocks(_)) | (Answer::Granted, Answer::Granted) => true,
+            (a, b) => a == b,
+        }
+    }
+
+    fn describe(&self) -> String {
         match self {
             Answer::Granted => "granted".into(),
             Answer::Refused(m) => format!("refused: {}", m.replace('\n', " / ")),
@@ -148,6 +151,7 @@ fn without_opening(msg: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::Answer;
+    use crate::compat::Compared;
 
     #[test]
     fn each_tool_words_the_same_refusal_alike_once_the_opening_is_cut() {

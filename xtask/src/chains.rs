@@ -27,7 +27,7 @@ use qlock_core::inspect;
 use qlock_testkit::{Format, FrontEnd};
 
 use crate::answer::Answer;
-use crate::compat::{Options, Pair};
+use crate::compat::{Options, Pair, table};
 use crate::qemu::QemuBuild;
 use crate::qlock_bin::{self, ChainHolder};
 use crate::section::{self, Section};
@@ -259,7 +259,7 @@ pub fn run(build: &QemuBuild, opts: &Options, tmp: &Path) -> Section {
         });
         let pairs = derive(&rows, &cols, &results);
         render(&mut section.text, build, graph, &rows, &cols, &results, &pairs);
-        section.pairs.extend(pairs.into_iter().map(|(ok, detail, _)| Pair::new(ok, detail)));
+        section.pairs.extend(pairs);
     }
     section.close(&build.label());
     section
@@ -366,23 +366,12 @@ fn bytes_on_nodes(graph: &Graph, dir: &Path) -> String {
         .join(", ")
 }
 
-type Derived = (bool, String, Vec<(usize, usize)>);
-
-fn derive(rows: &[RowSpec], cols: &[Column], results: &[Row]) -> Vec<Derived> {
-    let mut out: Vec<Derived> = Vec::new();
+fn derive(rows: &[RowSpec], cols: &[Column], results: &[Row]) -> Vec<Pair> {
+    let mut out: Vec<Pair> = Vec::new();
     let cell = |r: usize, c: usize| results[r].cells.get(c);
-    let compare = |pair: String, a: (&str, &Answer), b: (&str, &Answer), cells| {
-        let ok = a.1.agrees(b.1);
-        let detail = if ok {
-            pair
-        } else {
-            format!("{pair}\n    {}: {}\n    {}: {}", a.0, a.1.describe(), b.0, b.1.describe())
-        };
-        (ok, detail, cells)
-    };
     for row in results {
         if let Some(e) = &row.error {
-            out.push((false, e.clone(), vec![]));
+            out.push(Pair::new(false, e.clone()));
         }
     }
     // qlock newcomers against every holder: as their qemu-io twin (the column before).
@@ -393,7 +382,7 @@ fn derive(rows: &[RowSpec], cols: &[Column], results: &[Row]) -> Vec<Derived> {
         let twin = c - 1;
         for (r, spec) in rows.iter().enumerate() {
             let (Some(a), Some(b)) = (cell(r, c), cell(r, twin)) else { continue };
-            out.push(compare(
+            out.push(Pair::compare(
                 format!("chain holder {}, newcomer {} vs {}", spec.label(), col.label(), cols[twin].label()),
                 ("qlock", a),
                 ("qemu-io", b),
@@ -415,14 +404,13 @@ fn derive(rows: &[RowSpec], cols: &[Column], results: &[Row]) -> Vec<Derived> {
         let (mine, theirs) = (&results[q].bytes, &results[t].bytes);
         let ok = mine == theirs;
         let pair = format!("chain holder {} holds what {twin} holds", spec.label());
-        out.push((
+        out.push(Pair::new(
             ok,
             if ok { pair } else { format!("{pair}\n    qlock: {mine}\n    QEMU:  {theirs}") },
-            vec![],
         ));
         for (c, col) in cols.iter().enumerate() {
             let (Some(a), Some(b)) = (cell(q, c), cell(t, c)) else { continue };
-            out.push(compare(
+            out.push(Pair::compare(
                 format!("chain newcomer {}, holder {} vs {twin}", col.label(), spec.label()),
                 ("against qlock", a),
                 ("against QEMU", b),
@@ -440,16 +428,11 @@ fn render(
     rows: &[RowSpec],
     cols: &[Column],
     results: &[Row],
-    pairs: &[Derived],
+    pairs: &[Pair],
 ) {
-    let bad: Vec<(usize, usize)> = pairs.iter().filter(|c| !c.0).flat_map(|c| c.2.iter().copied()).collect();
+    let bad = table::failed_cells(pairs);
     let _ = writeln!(out, "\nchain {} (QEMU {}): {}", graph.name, build.label(), graph.shape);
-    for (i, c) in cols.iter().enumerate() {
-        let _ = write!(out, "{:>4} {:<26}", i + 1, c.label());
-        if i % 4 == 3 || i + 1 == cols.len() {
-            out.push('\n');
-        }
-    }
+    table::legend(out, cols.iter().map(Column::label), 26);
     let width = rows.iter().map(|r| r.label().len()).max().unwrap_or(0).max(17);
     let _ = write!(out, "{:width$} ", "holder \\ newcomer");
     for i in 0..cols.len() {
@@ -465,7 +448,5 @@ fn render(
         }
         out.push('\n');
     }
-    for c in pairs.iter().filter(|c| !c.0) {
-        let _ = writeln!(out, "DISAGREE {}", c.1);
-    }
+    table::disagreements(out, pairs);
 }

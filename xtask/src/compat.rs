@@ -169,10 +169,66 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// A check outside the matrix (a section's pair): `detail` names the pair and, when
-    /// failing, both answers.
+    /// A check on no cell of a table (a holder's bytes, a holder that did not start): `detail`
+    /// names the pair and, when failing, both answers.
     pub fn new(ok: bool, detail: String) -> Pair {
         Pair { ok, detail, cells: vec![] }
+    }
+
+    /// The pair named `pair` of two answers `(whose, answer)`, read from `cells` of its table;
+    /// when they disagree, its detail shows both.
+    pub fn compare<A: Compared>(
+        pair: String,
+        a: (&str, &A),
+        b: (&str, &A),
+        cells: Vec<(usize, usize)>,
+    ) -> Pair {
+        let ok = a.1.agrees(b.1);
+        let detail = if ok {
+            pair
+        } else {
+            format!("{pair}\n    {}: {}\n    {}: {}", a.0, a.1.describe(), b.0, b.1.describe())
+        };
+        Pair { ok, detail, cells }
+    }
+}
+
+/// A run's answer as a [`Pair`] compares it: the matrix's [`Outcome`], the sections'
+/// [`crate::answer::Answer`].
+pub trait Compared {
+    /// Whether `other` is the same answer.
+    fn agrees(&self, other: &Self) -> bool;
+    /// On one line, for a failing pair's detail.
+    fn describe(&self) -> String;
+}
+
+/// The printed tables' parts: the matrix's and each section's.
+pub mod table {
+    use std::fmt::Write as _;
+
+    use super::Pair;
+
+    /// The cells the failing `pairs` read, marked `!` in the table.
+    pub fn failed_cells(pairs: &[Pair]) -> Vec<(usize, usize)> {
+        pairs.iter().filter(|c| !c.ok).flat_map(|c| c.cells.iter().copied()).collect()
+    }
+
+    /// The columns' numbers and labels, four to a line, each label padded to `width`.
+    pub fn legend(out: &mut String, labels: impl ExactSizeIterator<Item = String>, width: usize) {
+        let n = labels.len();
+        for (i, label) in labels.enumerate() {
+            let _ = write!(out, "{:>4} {label:<width$}", i + 1);
+            if i % 4 == 3 || i + 1 == n {
+                out.push('\n');
+            }
+        }
+    }
+
+    /// `DISAGREE detail`, a line for each failing pair.
+    pub fn disagreements(out: &mut String, pairs: &[Pair]) {
+        for c in pairs.iter().filter(|c| !c.ok) {
+            let _ = writeln!(out, "DISAGREE {}", c.detail);
+        }
     }
 }
 
@@ -200,7 +256,7 @@ impl Report {
     /// The matrix, legend and disagreements, as printed by `cargo xtask compat`.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let bad: Vec<(usize, usize)> = self.failures().flat_map(|c| c.cells.iter().copied()).collect();
+        let bad = table::failed_cells(&self.pairs);
         let _ = writeln!(
             out,
             "QEMU {}: {} holders x {} newcomers",
@@ -208,12 +264,7 @@ impl Report {
             self.holders.len(),
             self.newcomers.len()
         );
-        for (i, n) in self.newcomers.iter().enumerate() {
-            let _ = write!(out, "{:>4} {:<20}", i + 1, n.label());
-            if i % 4 == 3 || i + 1 == self.newcomers.len() {
-                out.push('\n');
-            }
-        }
+        table::legend(&mut out, self.newcomers.iter().map(MatrixNewcomer::label), 20);
         let width = self.holders.iter().map(|h| h.label().len()).max().unwrap_or(0);
         let _ = write!(out, "{:width$} ", "holder \\ newcomer");
         for i in 0..self.newcomers.len() {
@@ -233,9 +284,7 @@ impl Report {
             "legend: . granted   g Failed to get \"X\" lock   s Failed to get shared \"X\" lock   \
              L Failed to lock byte N   E error   - holder did not start   ! disagreement\n",
         );
-        for c in self.pairs.iter().filter(|c| !c.ok) {
-            let _ = writeln!(out, "DISAGREE {}", c.detail);
-        }
+        table::disagreements(&mut out, &self.pairs);
         for s in &self.sections {
             out.push_str(&s.text);
         }
@@ -421,7 +470,7 @@ fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &
             }
             for (h, holder) in holders.iter().enumerate() {
                 let (Some(a), Some(b)) = (cell(h, p), cell(h, t)) else { continue };
-                pairs.push(compare(
+                pairs.push(Pair::compare(
                     format!("holder {}, newcomer qlock {name} vs {}", holder.label(), q.label()),
                     ("qlock", a),
                     (&q.label(), b),
@@ -439,7 +488,7 @@ fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &
             }
             for (n, newcomer) in newcomers.iter().enumerate() {
                 let (Some(a), Some(b)) = (cell(q, n), cell(t, n)) else { continue };
-                pairs.push(compare(
+                pairs.push(Pair::compare(
                     format!("newcomer {}, holder qlock {name} vs {}", newcomer.label(), twin.label()),
                     ("against qlock", a),
                     (&format!("against {}", twin.label()), b),
@@ -449,14 +498,4 @@ fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &
         }
     }
     pairs
-}
-
-fn compare(pair: String, a: (&str, &Outcome), b: (&str, &Outcome), cells: Vec<(usize, usize)>) -> Pair {
-    let ok = a.1.agrees(b.1);
-    let detail = if ok {
-        pair
-    } else {
-        format!("{pair}\n    {}: {}\n    {}: {}", a.0, a.1.describe(), b.0, b.1.describe())
-    };
-    Pair { ok, detail, cells }
 }

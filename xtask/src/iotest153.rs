@@ -33,7 +33,7 @@ use qlock_core::inspect;
 use qlock_testkit::{Format, FrontEnd};
 
 use crate::answer::Answer;
-use crate::compat::{Options, Pair};
+use crate::compat::{Options, Pair, table};
 use crate::qemu::QemuBuild;
 use crate::qlock_bin::{self, ChainHolder};
 use crate::run;
@@ -285,7 +285,7 @@ pub fn run(build: &QemuBuild, opts: &Options, tmp: &Path) -> Section {
         });
         let pairs = derive(&scene, &holders, &labels, &cols);
         render(&mut section.text, build, &scene, &holders, &labels, &cols, &pairs);
-        section.pairs.extend(pairs.into_iter().map(|(ok, detail, _)| Pair::new(ok, detail)));
+        section.pairs.extend(pairs);
     }
     section.close(&build.label());
     section
@@ -386,27 +386,16 @@ fn daemon(build: &QemuBuild, dir: &Path, blockdev: &str) -> Answer {
     }
 }
 
-type Derived = (bool, String, Vec<(usize, usize)>);
-
 /// Cells are `(holder, round)`; the real answer and qlock's sit in one cell.
-fn derive(scene: &Scene, holders: &[ChainHolder], labels: &[String], cols: &[Column]) -> Vec<Derived> {
-    let mut out: Vec<Derived> = Vec::new();
-    let show = |pair: String, a: (&str, &Answer), b: (&str, &Answer), cells| {
-        let ok = a.1.agrees(b.1);
-        let detail = if ok {
-            pair
-        } else {
-            format!("{pair}\n    {}: {}\n    {}: {}", a.0, a.1.describe(), b.0, b.1.describe())
-        };
-        (ok, detail, cells)
-    };
+fn derive(scene: &Scene, holders: &[ChainHolder], labels: &[String], cols: &[Column]) -> Vec<Pair> {
+    let mut out: Vec<Pair> = Vec::new();
     for (h, holder) in holders.iter().enumerate() {
         if let Some(e) = &cols[h].error {
-            out.push((false, e.clone(), vec![]));
+            out.push(Pair::new(false, e.clone()));
             continue;
         }
         for (r, (real, ours)) in cols[h].cells.iter().enumerate() {
-            out.push(show(
+            out.push(Pair::compare(
                 format!("{} holder {}, round {}", scene.name, holder.label(), labels[r]),
                 ("qlock", ours),
                 ("QEMU ", real),
@@ -428,10 +417,10 @@ fn derive(scene: &Scene, holders: &[ChainHolder], labels: &[String], cols: &[Col
         } else {
             format!("{pair}\n    qlock: {}\n    QEMU:  {}", cols[q].bytes, cols[t].bytes)
         };
-        out.push((ok, detail, vec![]));
+        out.push(Pair::new(ok, detail));
         for (r, label) in labels.iter().enumerate() {
             let (Some(a), Some(b)) = (cols[q].cells.get(r), cols[t].cells.get(r)) else { continue };
-            out.push(show(
+            out.push(Pair::compare(
                 format!("{} round {label}, holder {} vs {twin}", scene.name, holder.label()),
                 ("against qlock", &a.0),
                 ("against QEMU", &b.0),
@@ -449,9 +438,9 @@ fn render(
     holders: &[ChainHolder],
     labels: &[String],
     cols: &[Column],
-    pairs: &[Derived],
+    pairs: &[Pair],
 ) {
-    let bad: Vec<(usize, usize)> = pairs.iter().filter(|c| !c.0).flat_map(|c| c.2.iter().copied()).collect();
+    let bad = table::failed_cells(pairs);
     let _ = writeln!(
         out,
         "\nqemu-iotests {} (QEMU {}): holders of {} ({} over t.qcow2.base); each cell: QEMU's answer, then qlock's",
@@ -460,12 +449,7 @@ fn render(
         scene.held,
         if scene.held == "t.qcow2" { "t.qcow2" } else { "t.qcow2.a over t.qcow2" },
     );
-    for (i, h) in holders.iter().enumerate() {
-        let _ = write!(out, "{:>4} {:<26}", i + 1, h.label());
-        if i % 4 == 3 || i + 1 == holders.len() {
-            out.push('\n');
-        }
-    }
+    table::legend(out, holders.iter().map(|h| h.label()), 26);
     let width = labels.iter().map(String::len).max().unwrap_or(0).max(15);
     let _ = write!(out, "{:width$} ", "round \\ holder");
     for i in 0..holders.len() {
@@ -482,7 +466,5 @@ fn render(
         out.push('\n');
     }
     out.push_str("legend: as above; n refused before any lock (an option the command does not take)\n");
-    for c in pairs.iter().filter(|c| !c.0) {
-        let _ = writeln!(out, "DISAGREE {}", c.1);
-    }
+    table::disagreements(out, pairs);
 }

@@ -15,6 +15,7 @@ use qlock_core::{Access, ImageLock, LockOptions, LockSet};
 use qlock_testkit::{FakeQemu, HolderBuilder, NbdServer};
 
 use crate::catalogue::{NewcomerCommand, QemuHolder, QemuNewcomer, newcomer};
+use crate::compat::Compared;
 use crate::qemu::QemuBuild;
 
 /// What a newcomer got in one cell of the matrix.
@@ -31,15 +32,26 @@ pub enum Outcome {
     Failed(String),
 }
 
-impl Outcome {
+impl Compared for Outcome {
     /// Outcomes compare on outcome and message, not on notes.
-    pub fn agrees(&self, other: &Outcome) -> bool {
+    fn agrees(&self, other: &Outcome) -> bool {
         match (self, other) {
             (Outcome::Granted { .. }, Outcome::Granted { .. }) => true,
             (a, b) => a == b,
         }
     }
 
+    fn describe(&self) -> String {
+        match self {
+            Outcome::Granted { note: None } => "granted".into(),
+            Outcome::Granted { note: Some(n) } => format!("granted (then: {n})"),
+            Outcome::Refused(m) => format!("refused: {}", m.replace('\n', " / ")),
+            Outcome::Failed(m) => format!("error: {m}"),
+        }
+    }
+}
+
+impl Outcome {
     /// The same verdict with its message rewritten by `f`.
     pub fn map_message(self, f: impl FnOnce(&str) -> String) -> Outcome {
         match self {
@@ -57,16 +69,6 @@ impl Outcome {
             Outcome::Refused(m) if m.starts_with("Failed to get shared") => 's',
             Outcome::Refused(_) => 'g',
             Outcome::Failed(_) => 'E',
-        }
-    }
-
-    /// The message on one line, for reports.
-    pub fn describe(&self) -> String {
-        match self {
-            Outcome::Granted { note: None } => "granted".into(),
-            Outcome::Granted { note: Some(n) } => format!("granted (then: {n})"),
-            Outcome::Refused(m) => format!("refused: {}", m.replace('\n', " / ")),
-            Outcome::Failed(m) => format!("error: {m}"),
         }
     }
 
@@ -233,6 +235,7 @@ pub fn qlock_holds(access: Access, s: &Scratch) -> Result<LockSet, String> {
 #[cfg(test)]
 mod tests {
     use super::Outcome;
+    use crate::compat::Compared;
 
     #[test]
     fn qemu_messages_lose_their_prefix_and_keep_the_hint() {

@@ -22,25 +22,16 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
 use qlock_testkit::gluster::{GlusterBed, poll_until};
+use qlock_testkit::raw::flock;
 use qlock_testkit::{FakeQemu, Format, FrontEnd};
 
 // ---- probes: raw F_OFD_GETLK / F_OFD_SETLK, as another QEMU would make them ----
-
-fn flock(kind: i32, byte: u64) -> libc::flock {
-    libc::flock {
-        l_type: kind as i16,
-        l_whence: libc::SEEK_SET as i16,
-        l_start: byte as i64,
-        l_len: 1,
-        l_pid: 0,
-    }
-}
 
 /// `F_OFD_GETLK` for a write lock on `byte`: `Some(l_pid)` of a conflicting lock, `None` if free.
 fn holder_of(path: &Path, byte: u64) -> Option<i32> {
     let file =
         OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path).expect("open for probe");
-    let mut fl = flock(libc::F_WRLCK, byte);
+    let mut fl = flock(libc::F_WRLCK, byte, 1);
     fcntl(&file, FcntlArg::F_OFD_GETLK(&mut fl)).expect("F_OFD_GETLK");
     (i32::from(fl.l_type) != libc::F_UNLCK).then_some(fl.l_pid)
 }
@@ -54,7 +45,7 @@ fn all_free(path: &Path, bytes: &[u64]) -> bool {
 fn try_write_lock(path: &Path, byte: u64) -> Result<(), Errno> {
     let file =
         OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path).expect("open rw");
-    fcntl(&file, FcntlArg::F_OFD_SETLK(&flock(libc::F_WRLCK, byte))).map(|_| ())
+    fcntl(&file, FcntlArg::F_OFD_SETLK(&flock(libc::F_WRLCK, byte, 1))).map(|_| ())
 }
 
 // ---- tools ----

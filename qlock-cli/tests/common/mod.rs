@@ -24,6 +24,15 @@ pub fn real(img: &TempImage, front_end: FrontEnd) -> FakeQemu {
     FakeQemu::real(img, front_end, img.format()).unwrap_or_else(|e| panic!("real {front_end}: {e}"))
 }
 
+/// A qcow2 image a real `qemu-io` holds read-write (as a running VM's disk does), and that
+/// holder; `None` without QEMU (the test skips, or fails under `CI=true`).
+pub fn held_by_qemu_io() -> Option<(TempImage, FakeQemu)> {
+    qlock_testkit::require!("qemu-io", "qemu-img");
+    let img = qcow2();
+    let vm = real(&img, FrontEnd::QemuIoRw);
+    Some((img, vm))
+}
+
 pub fn qlock(args: &[&str], image: &Path) -> Output {
     Command::new(QLOCK).args(args).arg(image).output().expect("run qlock")
 }

@@ -12,6 +12,7 @@ use nix::fcntl::{FcntlArg, fcntl};
 use nix::libc;
 use qlock_core::{Access, ConflictReason, Error, LockSet, Perm, Verdict};
 use qlock_testkit::FakeQemu;
+use qlock_testkit::raw::flock;
 
 /// The eight protocol bytes QEMU >= 7.0 uses, in lock order.
 pub(crate) const BYTES: [u64; 8] = [100, 101, 102, 103, 200, 201, 202, 203];
@@ -109,16 +110,6 @@ impl Raw {
     }
 }
 
-fn flock(ty: libc::c_int, start: u64, len: u64) -> libc::flock {
-    libc::flock {
-        l_type: ty as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start as libc::off_t,
-        l_len: len as libc::off_t,
-        l_pid: 0,
-    }
-}
-
 /// Per-byte `F_OFD_GETLK` write probes (or `F_GETLK` for a POSIX prober) of the eight bytes.
 pub(crate) fn probe_bytes(file: &File, posix: bool) -> (LockSet, LockSet) {
     let (mut held, mut write) = (LockSet::EMPTY, LockSet::EMPTY);
@@ -179,13 +170,7 @@ pub(crate) fn hold(paths: &[&Path], access: Access) -> FakeQemu {
     builder.spawn().unwrap_or_else(|e| panic!("holder of {access}: {e}"))
 }
 
-/// Serialises the tests of one binary that spawn processes and drop guards.
-///
-/// A child that one test thread is spawning shares *every* open file description of the process
-/// from `fork` until its `exec` (docs/protocol.md §7 pitfall 4), so a guard another test thread drops in that
-/// window keeps its OFD locks a few microseconds longer, and that test's next step (a fresh
-/// acquire, a probe) sees them. Real programs have the same window; these tests must not.
-pub(crate) fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+/// Serialises the tests of one binary that spawn processes and drop guards (see
+/// [`qlock_testkit::serial`]).
+#[allow(unused_imports)]
+pub(crate) use qlock_testkit::serial;

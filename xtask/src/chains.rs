@@ -39,8 +39,9 @@ pub struct Graph {
     pub name: &'static str,
     /// The files, for the report.
     pub shape: &'static str,
-    /// `qemu-img` arguments, in order; `{DIR}` is the directory (absolute names).
-    pub make: &'static [&'static [&'static str]],
+    /// The `qemu-img` command lines, in order, split at spaces; `{DIR}` is the directory
+    /// (absolute names).
+    pub make: &'static [&'static str],
     /// The images holders open, each with its whole graph.
     pub held: &'static [(&'static str, Format)],
     /// The nodes newcomers open.
@@ -60,10 +61,7 @@ pub const GRAPHS: &[Graph] = &[
     Graph {
         name: "qcow2-2",
         shape: "top.qcow2 -> base.qcow2 (relative name)",
-        make: &[
-            &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
-            &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
-        ],
+        make: &["create -q -f qcow2 base.qcow2 1M", "create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2"],
         held: &[qcow2("top.qcow2")],
         nodes: &[qcow2("top.qcow2"), qcow2("base.qcow2")],
     },
@@ -71,9 +69,9 @@ pub const GRAPHS: &[Graph] = &[
         name: "qcow2-3",
         shape: "top.qcow2 -> mid.qcow2 -> base.qcow2",
         make: &[
-            &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
-            &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2"],
-            &["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
+            "create -q -f qcow2 base.qcow2 1M",
+            "create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2",
+            "create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2",
         ],
         held: &[qcow2("top.qcow2")],
         nodes: &[qcow2("top.qcow2"), qcow2("mid.qcow2"), qcow2("base.qcow2")],
@@ -81,10 +79,7 @@ pub const GRAPHS: &[Graph] = &[
     Graph {
         name: "raw-base",
         shape: "top.qcow2 -> base.raw (-F raw); also held as base.raw alone",
-        make: &[
-            &["create", "-q", "-f", "raw", "base.raw", "1M"],
-            &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2"],
-        ],
+        make: &["create -q -f raw base.raw 1M", "create -q -f qcow2 -b base.raw -F raw top.qcow2"],
         held: &[qcow2("top.qcow2"), ("base.raw", Raw)],
         nodes: &[qcow2("top.qcow2"), ("base.raw", Raw)],
     },
@@ -92,17 +87,8 @@ pub const GRAPHS: &[Graph] = &[
         name: "data-file",
         shape: "top.qcow2 with data_file=/abs/data.raw, data_file_raw=on",
         make: &[
-            &["create", "-q", "-f", "raw", "data.raw", "1M"],
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "data_file={DIR}/data.raw,data_file_raw=on",
-                "top.qcow2",
-                "1M",
-            ],
+            "create -q -f raw data.raw 1M",
+            "create -q -f qcow2 -o data_file={DIR}/data.raw,data_file_raw=on top.qcow2 1M",
         ],
         held: &[qcow2("top.qcow2")],
         nodes: &[qcow2("top.qcow2"), ("data.raw", Raw)],
@@ -111,9 +97,9 @@ pub const GRAPHS: &[Graph] = &[
         name: "other-dirs",
         shape: "images/top.qcow2 -> ../mids/mid.qcow2 (relative) -> /abs/bases/base.qcow2 (absolute)",
         make: &[
-            &["create", "-q", "-f", "qcow2", "bases/base.qcow2", "1M"],
-            &["create", "-q", "-f", "qcow2", "-b", "{DIR}/bases/base.qcow2", "-F", "qcow2", "mids/mid.qcow2"],
-            &["create", "-q", "-f", "qcow2", "-b", "../mids/mid.qcow2", "-F", "qcow2", "images/top.qcow2"],
+            "create -q -f qcow2 bases/base.qcow2 1M",
+            "create -q -f qcow2 -b {DIR}/bases/base.qcow2 -F qcow2 mids/mid.qcow2",
+            "create -q -f qcow2 -b ../mids/mid.qcow2 -F qcow2 images/top.qcow2",
         ],
         held: &[qcow2("images/top.qcow2")],
         nodes: &[qcow2("images/top.qcow2"), qcow2("mids/mid.qcow2"), qcow2("bases/base.qcow2")],
@@ -122,10 +108,10 @@ pub const GRAPHS: &[Graph] = &[
         name: "shared-base",
         shape: "vm1.qcow2, vm2.qcow2 -> base.qcow2; vm3.qcow2 -> vm2.qcow2; held as vm1 and as base",
         make: &[
-            &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
-            &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "vm1.qcow2"],
-            &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "vm2.qcow2"],
-            &["create", "-q", "-f", "qcow2", "-b", "vm2.qcow2", "-F", "qcow2", "vm3.qcow2"],
+            "create -q -f qcow2 base.qcow2 1M",
+            "create -q -f qcow2 -b base.qcow2 -F qcow2 vm1.qcow2",
+            "create -q -f qcow2 -b base.qcow2 -F qcow2 vm2.qcow2",
+            "create -q -f qcow2 -b vm2.qcow2 -F qcow2 vm3.qcow2",
         ],
         held: &[qcow2("vm1.qcow2"), qcow2("base.qcow2")],
         nodes: &[qcow2("vm2.qcow2"), qcow2("vm3.qcow2"), qcow2("base.qcow2")],
@@ -275,7 +261,7 @@ pub fn make(build: &QemuBuild, graph: &Graph, dir: &Path) -> Result<(), String> 
     }
     let d = dir.display().to_string();
     for step in graph.make {
-        let args: Vec<String> = step.iter().map(|a| a.replace("{DIR}", &d)).collect();
+        let args: Vec<String> = step.split(' ').map(|a| a.replace("{DIR}", &d)).collect();
         let mut cmd = build.command("qemu-img");
         cmd.args(&args).current_dir(dir).stdin(std::process::Stdio::null());
         let out = crate::run::output(&mut cmd).map_err(|e| e.to_string())?;

@@ -21,6 +21,19 @@ fn failures(report: &Report) -> Vec<String> {
     report.failures().map(|c| c.detail.clone()).collect()
 }
 
+/// The mutation is caught at the pair whose detail starts with `pair`: qlock was granted where
+/// QEMU was refused with `refusal`. Returns the failing pairs' details, for more checks.
+fn assert_caught(report: &Report, pair: &str, refusal: &str) -> Vec<String> {
+    let failures = failures(report);
+    let caught = failures
+        .iter()
+        .find(|d| d.starts_with(pair))
+        .unwrap_or_else(|| panic!("not caught where expected:\n{}", report.render()));
+    assert!(caught.contains("qlock: granted"), "{caught}");
+    assert!(caught.contains(&format!("refused: {refusal}")), "{caught}");
+    failures
+}
+
 #[test]
 fn a_chain_slice_and_the_153_rounds_agree_and_count_in_the_summary() {
     let report = run(&["chain qcow2-2", "153 qemu-io -r"], vec![]);
@@ -46,15 +59,9 @@ fn a_chain_slice_and_the_153_rounds_agree_and_count_in_the_summary() {
 fn a_chain_preset_with_a_mutated_access_is_caught() {
     // `read` on a chain that forgets to refuse writers on every node.
     let report = run(&["chain qcow2-2"], vec![("chain:read".into(), Access::FORCE_SHARE)]);
-    let failures = failures(&report);
-    let caught = failures
-        .iter()
-        .find(|d| {
-            d.starts_with("chain holder qemu-io on top.qcow2, newcomer qlock read top.qcow2 vs qemu-io -r")
-        })
-        .unwrap_or_else(|| panic!("not caught where expected:\n{}", report.render()));
-    assert!(caught.contains("qlock: granted"), "{caught}");
-    assert!(caught.contains("refused: Failed to get shared \"write\" lock"), "{caught}");
+    // As a newcomer it gets in where `qemu-io -r` is refused.
+    let newcomer = "chain holder qemu-io on top.qcow2, newcomer qlock read top.qcow2 vs qemu-io -r";
+    let failures = assert_caught(&report, newcomer, "Failed to get shared \"write\" lock");
     // As a holder it no longer holds what `qemu-io -r` holds on the backing file.
     assert!(
         failures.iter().any(|d| d.starts_with("chain holder qlock run --chain read on top.qcow2 holds what")
@@ -69,16 +76,8 @@ fn a_chain_preset_with_a_mutated_access_is_caught() {
 fn a_qemu_img_operation_with_mutated_bytes_is_caught_by_the_153_rounds() {
     // `check --op check` answered as a force-share reader: a writer no longer stops it.
     let report = run(&["153 qemu-io"], vec![("op:check".into(), Access::FORCE_SHARE)]);
-    let failures = failures(&report);
-    let caught = failures
-        .iter()
-        .find(|d| d.starts_with("153 holder qemu-io, round img check\n"))
-        .unwrap_or_else(|| panic!("not caught where expected:\n{}", report.render()));
-    assert!(caught.contains("qlock: granted"), "{caught}");
-    assert!(
-        caught.contains("refused: Could not open 'TEST_DIR/t.qcow2': Failed to get shared \"write\" lock"),
-        "{caught}"
-    );
+    let refusal = "Could not open 'TEST_DIR/t.qcow2': Failed to get shared \"write\" lock";
+    let failures = assert_caught(&report, "153 holder qemu-io, round img check\n", refusal);
     // `snapshot -l` is answered as `--op check`: caught there too; `-U` rounds are not touched.
     assert!(failures.iter().any(|d| d.starts_with("153 holder qemu-io, round img snapshot -l\n")));
     assert!(!failures.iter().any(|d| d.contains("round img check -U")), "{failures:#?}");

@@ -159,8 +159,8 @@ fn graphs(build: &QemuBuild, root: &Path) -> Vec<Graph> {
 }
 
 /// The holders of the table: a label and the front end run for real on a top image (the NBD
-/// ones as a qemu-storage-daemon export, or as `qemu-nbd` itself when the label says so).
-const HOLDERS: [(&str, FrontEnd); 12] = [
+/// ones as a qemu-storage-daemon export; [`QEMU_NBD_HOLDERS`] follow them in the table).
+const HOLDERS: [(&str, FrontEnd); 10] = [
     ("qemu-io -f qcow2 top", FrontEnd::QemuIoRw),
     ("qemu-io -r -f qcow2 top", FrontEnd::QemuIoReadOnly),
     ("qemu-io -r -U -f qcow2 top", FrontEnd::QemuIoForceShare),
@@ -171,19 +171,26 @@ const HOLDERS: [(&str, FrontEnd); 12] = [
     ("qemu-system -drive (VmDisk)", FrontEnd::VmDisk),
     ("qemu-system -drive share-rw=on", FrontEnd::VmDiskShareRw),
     ("qemu-system -drive readonly=on", FrontEnd::VmDiskReadonly),
-    ("qemu-nbd -f qcow2 top", FrontEnd::QemuNbdRw),
-    ("qemu-nbd -r -f qcow2 top", FrontEnd::QemuNbdReadOnly),
 ];
 
-/// Starts a holder of the table on `top`; `Ok(None)` when this build cannot run it (no
-/// qemu-system).
-fn start(build: &QemuBuild, (label, fe): (&str, FrontEnd), top: &Path) -> Result<Option<FakeQemu>, String> {
+/// The NBD holders again, served by `qemu-nbd` itself.
+const QEMU_NBD_HOLDERS: [(&str, FrontEnd); 2] =
+    [("qemu-nbd -f qcow2 top", FrontEnd::QemuNbdRw), ("qemu-nbd -r -f qcow2 top", FrontEnd::QemuNbdReadOnly)];
+
+/// Every holder of the table, in its order, with the server of its NBD export.
+fn holders() -> impl Iterator<Item = (&'static str, FrontEnd, NbdServer)> {
+    let daemon = HOLDERS.into_iter().map(|(label, fe)| (label, fe, NbdServer::StorageDaemon));
+    daemon.chain(QEMU_NBD_HOLDERS.into_iter().map(|(label, fe)| (label, fe, NbdServer::QemuNbd)))
+}
+
+/// Starts front end `fe` on `top` (an NBD export served by `nbd`); `Ok(None)` when this build
+/// cannot run it (no qemu-system).
+fn start(build: &QemuBuild, fe: FrontEnd, nbd: NbdServer, top: &Path) -> Result<Option<FakeQemu>, String> {
     if matches!(fe, FrontEnd::VmDisk | FrontEnd::VmDiskShareRw | FrontEnd::VmDiskReadonly)
         && build.system.is_err()
     {
         return Ok(None);
     }
-    let nbd = if label.starts_with("qemu-nbd") { NbdServer::QemuNbd } else { NbdServer::StorageDaemon };
     build
         .holder(top)
         .front_end(fe, Format::Qcow2)
@@ -219,11 +226,10 @@ fn observe_build(build: &QemuBuild) -> String {
     let root = tempfile::tempdir().unwrap();
     let graphs = graphs(build, root.path());
     let mut table = String::new();
-    for holder in HOLDERS {
-        let label = holder.0;
+    for (label, fe, nbd) in holders() {
         for graph in &graphs {
             let top = &graph.nodes[0].1;
-            let running = match start(build, holder, top) {
+            let running = match start(build, fe, nbd, top) {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
                 Err(e) => {

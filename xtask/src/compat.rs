@@ -91,6 +91,14 @@ impl MatrixHolder {
         }
     }
 
+    /// A qlock holder's preset access.
+    fn qlock_access(&self) -> Option<Access> {
+        match self {
+            MatrixHolder::Qlock { access, .. } => Some(*access),
+            _ => None,
+        }
+    }
+
     /// The access a qlock holder may be compared against, if it is a twin: QEMU holders by
     /// their catalogued access, the `info` stand-in by `Access::INFO`.
     fn twin_access(&self) -> Option<Access> {
@@ -124,6 +132,22 @@ impl MatrixNewcomer {
         match self {
             MatrixNewcomer::Qemu(n) => n.label(),
             MatrixNewcomer::Qlock { name, .. } => format!("qlock {name}"),
+        }
+    }
+
+    /// The access a qlock newcomer stands for (not the mutated one it runs).
+    fn qlock_access(&self) -> Option<Access> {
+        match self {
+            MatrixNewcomer::Qlock { claimed, .. } => Some(*claimed),
+            MatrixNewcomer::Qemu(_) => None,
+        }
+    }
+
+    /// The access a qlock newcomer may be compared against: a QEMU newcomer's single request.
+    fn twin_access(&self) -> Option<Access> {
+        match self {
+            MatrixNewcomer::Qemu(q) => q.access,
+            MatrixNewcomer::Qlock { .. } => None,
         }
     }
 }
@@ -461,41 +485,39 @@ fn derive_checks(holders: &[MatrixHolder], newcomers: &[MatrixNewcomer], rows: &
         }
     }
     // qlock newcomers against every holder: their verdict is that of each QEMU twin newcomer.
-    for (p, qn) in newcomers.iter().enumerate() {
-        let MatrixNewcomer::Qlock { name, claimed, .. } = qn else { continue };
-        for (t, twin) in newcomers.iter().enumerate() {
-            let MatrixNewcomer::Qemu(q) = twin else { continue };
-            if !q.access.is_some_and(|a| same_bytes(a, *claimed)) {
-                continue;
-            }
-            for (h, holder) in holders.iter().enumerate() {
-                let (Some(a), Some(b)) = (cell(h, p), cell(h, t)) else { continue };
-                pairs.push(Pair::compare(
-                    format!("holder {}, newcomer qlock {name} vs {}", holder.label(), q.label()),
-                    ("qlock", a),
-                    (&q.label(), b),
-                    vec![(h, p), (h, t)],
-                ));
-            }
+    for (p, t) in twins(newcomers, MatrixNewcomer::qlock_access, MatrixNewcomer::twin_access) {
+        let (qlock, twin) = (newcomers[p].label(), newcomers[t].label());
+        for (h, holder) in holders.iter().enumerate() {
+            let (Some(a), Some(b)) = (cell(h, p), cell(h, t)) else { continue };
+            let pair = format!("holder {}, newcomer {qlock} vs {twin}", holder.label());
+            pairs.push(Pair::compare(pair, ("qlock", a), (&twin, b), vec![(h, p), (h, t)]));
         }
     }
     // qlock holders: every newcomer sees them as it sees each QEMU holder with the same access.
-    for (q, qh) in holders.iter().enumerate() {
-        let MatrixHolder::Qlock { name, access } = qh else { continue };
-        for (t, twin) in holders.iter().enumerate() {
-            if !twin.twin_access().is_some_and(|a| same_bytes(a, *access)) {
-                continue;
-            }
-            for (n, newcomer) in newcomers.iter().enumerate() {
-                let (Some(a), Some(b)) = (cell(q, n), cell(t, n)) else { continue };
-                pairs.push(Pair::compare(
-                    format!("newcomer {}, holder qlock {name} vs {}", newcomer.label(), twin.label()),
-                    ("against qlock", a),
-                    (&format!("against {}", twin.label()), b),
-                    vec![(q, n), (t, n)],
-                ));
-            }
+    for (q, t) in twins(holders, MatrixHolder::qlock_access, MatrixHolder::twin_access) {
+        let (qlock, twin) = (holders[q].label(), holders[t].label());
+        for (n, newcomer) in newcomers.iter().enumerate() {
+            let (Some(a), Some(b)) = (cell(q, n), cell(t, n)) else { continue };
+            let pair = format!("newcomer {}, holder {qlock} vs {twin}", newcomer.label());
+            let against_twin = format!("against {twin}");
+            pairs.push(Pair::compare(pair, ("against qlock", a), (&against_twin, b), vec![(q, n), (t, n)]));
         }
     }
     pairs
+}
+
+/// `(q, t)` for each qlock line `q` of one axis of the matrix (`qlock`: its preset's access) and
+/// each line `t` it must answer as (`twin`: a line's access as a twin; the same bytes).
+fn twins<L>(
+    lines: &[L],
+    qlock: impl Fn(&L) -> Option<Access>,
+    twin: impl Fn(&L) -> Option<Access>,
+) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for (q, line) in lines.iter().enumerate() {
+        let Some(preset) = qlock(line) else { continue };
+        let same = |other: &L| twin(other).is_some_and(|a| same_bytes(a, preset));
+        out.extend(lines.iter().enumerate().filter(|(_, other)| same(other)).map(|(t, _)| (q, t)));
+    }
+    out
 }

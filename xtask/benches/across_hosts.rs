@@ -66,7 +66,11 @@ fn main() {
     let local = tempfile::tempdir().expect("tempdir");
     let here = image(local.path().join("here.img"));
     let t = series(&here, &here);
-    println!("release-to-acquire one host (inotify hint): p50 {:.1} ms, p99 {:.1} ms", ms(&t, 0.5), ms(&t, 0.99));
+    println!(
+        "release-to-acquire one host (inotify hint): p50 {:.1} ms, p99 {:.1} ms",
+        ms(&t, 0.5),
+        ms(&t, 0.99)
+    );
 
     let bed = match GlusterBed::start() {
         Ok(bed) => bed,

@@ -163,8 +163,10 @@ impl<R: Runtime> AsyncImageLock<R> {
         &self.path
     }
 
-    /// The open image, for I/O; `None` only while a cancelled call on a non-local filesystem
-    /// still finishes in the pool with it (any later call waits for it to come back).
+    /// The open image, for I/O; `None` after a call on a non-local filesystem was cancelled
+    /// while its pool closure had the descriptor: while that closure still runs, and after it
+    /// has parked the descriptor, until the guard's next call takes it back (any later call
+    /// waits for it to come back).
     pub fn file(&self) -> Option<&File> {
         self.home.here.as_ref().map(Core::file)
     }

@@ -163,11 +163,43 @@ pub struct Options {
     pub mutate: Vec<(String, Access)>,
 }
 
+/// Where one run's holders and newcomers meet their image: both on this host (the default), or
+/// each through its own client of a shared filesystem ([`crate::across`]).
+#[derive(Debug, Clone)]
+pub struct Sides {
+    /// Holders: the build they run (its commands may enter another host's namespace) and the
+    /// directory their images are created in.
+    pub holder: Side,
+    /// Newcomers: their build, and the same directory as their host sees it.
+    pub newcomer: Side,
+    /// `gluster, across hosts`; `None` on one host.
+    pub place: Option<String>,
+}
+
+/// One side of a run.
+#[derive(Debug, Clone)]
+pub struct Side {
+    /// The QEMU build this side runs.
+    pub build: QemuBuild,
+    /// Where the images are, as this side sees them; `None`: the run's scratch directory.
+    pub images: Option<PathBuf>,
+}
+
+impl Sides {
+    /// Holders and newcomers on this host, running `build`, on a scratch directory.
+    pub fn local(build: &QemuBuild) -> Sides {
+        let side = Side { build: build.clone(), images: None };
+        Sides { holder: side.clone(), newcomer: side, place: None }
+    }
+}
+
 /// The outcome for one QEMU build.
 #[derive(Debug)]
 pub struct Report {
     /// Which build.
     pub build: String,
+    /// Where holders and newcomers ran, when not on one host ([`Sides::place`]).
+    pub place: Option<String>,
     /// Row labels.
     pub holders: Vec<MatrixHolder>,
     /// Column labels.
@@ -274,7 +306,30 @@ impl Report {
         let matrix = self.pairs.iter().filter(|c| c.ok).count();
         let mut parts = vec![format!("matrix {matrix}/{}", self.pairs.len())];
         parts.extend(self.sections.iter().filter(|s| !s.pairs.is_empty()).map(Section::tally));
-        format!("compat: {ok}/{} agree (QEMU {}: {})", self.all_pairs().count(), self.build, parts.join(", "))
+        let total = self.all_pairs().count();
+        match &self.place {
+            None => format!("compat: {ok}/{total} agree (QEMU {}: {})", self.build, parts.join(", ")),
+            Some(place) => format!("compat ({place}): {ok}/{total} agree (QEMU {})", self.build),
+        }
+    }
+
+    /// Adds one check per cell: its verdict and message must be those of the same cell in
+    /// `other`, the same matrix run elsewhere (`label` says where, e.g. `one host`). Cells
+    /// missing on either side (a holder that did not start) already fail their own check.
+    pub fn check_against(&mut self, other: &Report, label: &str) {
+        for (h, holder) in self.holders.iter().enumerate() {
+            for (n, newcomer) in self.newcomers.iter().enumerate() {
+                let theirs = other.cells.get(h).and_then(|r| r.get(n)).and_then(Option::as_ref);
+                let (Some(a), Some(b)) = (self.cells[h][n].as_ref(), theirs) else { continue };
+                let place = self.place.as_deref().unwrap_or("here");
+                self.pairs.push(Pair::compare(
+                    format!("holder {}, newcomer {}: {place} vs {label}", holder.label(), newcomer.label()),
+                    (place, a),
+                    (label, b),
+                    vec![(h, n)],
+                ));
+            }
+        }
     }
 
     /// The matrix, legend and disagreements, as printed by `cargo xtask compat`.
@@ -283,8 +338,9 @@ impl Report {
         let bad = table::failed_cells(&self.pairs);
         let _ = writeln!(
             out,
-            "QEMU {}: {} holders x {} newcomers",
+            "QEMU {}{}: {} holders x {} newcomers",
             self.build,
+            self.place.as_ref().map_or(String::new(), |p| format!(" ({p})")),
             self.holders.len(),
             self.newcomers.len()
         );
@@ -346,11 +402,44 @@ pub fn matrix(build: &QemuBuild, opts: &Options) -> (Vec<MatrixHolder>, Vec<Matr
 /// When no scratch directory can be made.
 pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
     let (holders, newcomers) = matrix(build, opts);
+    let mut report = run_matrix(&Sides::local(build), holders, newcomers, opts.jobs)?;
     let tmp = tempfile::Builder::new().prefix("xtask-compat-").tempdir().map_err(|e| e.to_string())?;
+    report.sections =
+        vec![crate::chains::run(build, opts, tmp.path()), crate::iotest153::run(build, opts, tmp.path())];
+    Ok(report)
+}
+
+/// Runs the matrix `holders` x `newcomers` with each side where `sides` puts it, and derives
+/// the checks. Holders get an image each, in a fresh directory under the holder side's
+/// `images` (the newcomers see it under theirs); sockets, pid files and outputs stay in a local
+/// scratch directory.
+///
+/// # Errors
+/// When no scratch directory can be made.
+pub fn run_matrix(
+    sides: &Sides,
+    holders: Vec<MatrixHolder>,
+    newcomers: Vec<MatrixNewcomer>,
+    jobs: usize,
+) -> Result<Report, String> {
+    let tmp = tempfile::Builder::new().prefix("xtask-compat-").tempdir().map_err(|e| e.to_string())?;
+    // A fresh directory of images on each side (a name reused on a shared filesystem can give
+    // ESTALE on the other client for a moment).
+    let images = match &sides.holder.images {
+        Some(dir) => Some(
+            tempfile::Builder::new().prefix("xtask-compat-").tempdir_in(dir).map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let image_dir = |side: &Side| match (&side.images, &images) {
+        (Some(root), Some(made)) => made.path().file_name().map_or(root.clone(), |n| root.join(n)),
+        _ => tmp.path().to_path_buf(),
+    };
+    let (holder_dir, newcomer_dir) = (image_dir(&sides.holder), image_dir(&sides.newcomer));
     let next = Mutex::new(0usize);
     let rows: Mutex<Vec<Option<Row>>> = Mutex::new(vec![None; holders.len()]);
     std::thread::scope(|scope| {
-        for _ in 0..opts.jobs.max(1) {
+        for _ in 0..jobs.max(1) {
             scope.spawn(|| {
                 loop {
                     let h = {
@@ -360,8 +449,13 @@ pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
                         h
                     };
                     let Some(holder) = holders.get(h) else { break };
-                    let dir = tmp.path().join(format!("h{h}"));
-                    let row = run_row(build, holder, &newcomers, dir);
+                    let name = format!("h{h}");
+                    let scratch = tmp.path().join(&name);
+                    let holder_side =
+                        Scratch { image: holder_dir.join(&name).join("disk.qcow2"), dir: scratch.clone() };
+                    let newcomer_side =
+                        Scratch { image: newcomer_dir.join(&name).join("disk.qcow2"), dir: scratch };
+                    let row = run_row(sides, holder, &newcomers, &holder_side, &newcomer_side);
                     rows.lock().unwrap_or_else(|e| e.into_inner())[h] = Some(row);
                 }
             });
@@ -370,9 +464,8 @@ pub fn run(build: &QemuBuild, opts: &Options) -> Result<Report, String> {
     let rows: Vec<Row> = rows.into_inner().unwrap_or_else(|e| e.into_inner()).into_iter().flatten().collect();
     let pairs = derive_checks(&holders, &newcomers, &rows);
     let cells = rows.into_iter().map(|r| r.cells).collect();
-    let sections =
-        vec![crate::chains::run(build, opts, tmp.path()), crate::iotest153::run(build, opts, tmp.path())];
-    Ok(Report { build: build.label(), holders, newcomers, cells, pairs, sections })
+    let build = sides.newcomer.build.label();
+    Ok(Report { build, place: sides.place.clone(), holders, newcomers, cells, pairs, sections: vec![] })
 }
 
 /// One holder's results.
@@ -385,23 +478,31 @@ struct Row {
     cells: Vec<Option<Outcome>>,
 }
 
-fn run_row(build: &QemuBuild, holder: &MatrixHolder, newcomers: &[MatrixNewcomer], dir: PathBuf) -> Row {
+/// One holder's row: `scratch` is its image as the holder's side sees it, `theirs` the same
+/// image as the newcomers' side sees it (the same paths on one host).
+fn run_row(
+    sides: &Sides,
+    holder: &MatrixHolder,
+    newcomers: &[MatrixNewcomer],
+    scratch: &Scratch,
+    theirs: &Scratch,
+) -> Row {
     let mut row = Row { holder_error: None, bytes: None, cells: vec![None; newcomers.len()] };
-    let scratch = Scratch { image: dir.join("disk.qcow2"), dir: dir.clone() };
-    if let Err(e) = std::fs::create_dir_all(&dir)
-        .map_err(|e| e.to_string())
-        .and_then(|()| run::create_image(build, &scratch))
-    {
+    let build = &sides.holder.build;
+    let made = [&scratch.dir, &scratch.image.parent().map(PathBuf::from).unwrap_or_default()]
+        .into_iter()
+        .try_for_each(std::fs::create_dir_all);
+    if let Err(e) = made.map_err(|e| e.to_string()).and_then(|()| run::create_image(build, scratch)) {
         row.holder_error = Some(format!("cannot create the image: {e}"));
         return row;
     }
     // What qlock itself holds for a preset, before its testkit stand-in takes the image.
     let qlock_held = match holder {
-        MatrixHolder::Qlock { access, .. } => Some(run::qlock_holds(*access, &scratch)),
+        MatrixHolder::Qlock { access, .. } => Some(run::qlock_holds(*access, scratch, &theirs.image)),
         _ => None,
     };
     let started: Result<Running, String> = match holder {
-        MatrixHolder::Qemu(h) => run::start_qemu(build, h, &scratch),
+        MatrixHolder::Qemu(h) => run::start_qemu(build, h, scratch),
         MatrixHolder::Qlock { access, .. } => {
             run::start_testkit(build.holder(&scratch.image).access(*access), false).map_err(|e| e.to_string())
         }
@@ -424,7 +525,8 @@ fn run_row(build: &QemuBuild, holder: &MatrixHolder, newcomers: &[MatrixNewcomer
     };
     if let Some(access) = expected {
         let want = lockset(access);
-        let seen = match qlock_core::inspect(&[&scratch.image]).remove(0) {
+        // Seen from the newcomers' side: on shared storage, what the other host sees.
+        let seen = match qlock_core::inspect(&[&theirs.image]).remove(0) {
             Ok(status) => status.others.held,
             Err(_) => LockSet::EMPTY,
         };
@@ -438,11 +540,11 @@ fn run_row(build: &QemuBuild, holder: &MatrixHolder, newcomers: &[MatrixNewcomer
             _ => Ok(()),
         });
     }
-    let image = scratch.image.display().to_string();
+    let image = theirs.image.display().to_string();
     for (i, n) in newcomers.iter().enumerate() {
         let verdict = match n {
-            MatrixNewcomer::Qemu(q) => run::run_qemu(build, q, &scratch),
-            MatrixNewcomer::Qlock { run, .. } => run::run_qlock(*run, &scratch),
+            MatrixNewcomer::Qemu(q) => run::run_qemu(&sides.newcomer.build, q, theirs),
+            MatrixNewcomer::Qlock { run, .. } => run::run_qlock(*run, theirs),
         };
         // Each holder has its own image: name it IMAGE so that rows compare. A message naming
         // another path keeps it, and still disagrees.

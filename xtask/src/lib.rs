@@ -1,7 +1,8 @@
 //! Project automation for qlock, run as `cargo xtask TASK` (an alias in `.cargo/config.toml`).
 //!
 //! - `cargo xtask compat`: the differential check against real QEMU ([`compat`]), on the QEMU
-//!   on `PATH`, Debian bookworm's 7.2 ([`fetch`]) and any `--qemu DIR`;
+//!   on `PATH`, Debian bookworm's 7.2 ([`fetch`]) and any `--qemu DIR`, and a slice of it
+//!   across two hosts of a GlusterFS volume ([`across`]);
 //! - `cargo xtask bench`: the workspace benchmarks, with one table of their goals ([`mod@bench`]);
 //! - `cargo xtask ci`: everything CI runs ([`ci`]). If it passes locally, CI is green;
 //! - `cargo xtask gluster up | down | status`: the two-host GlusterFS bed ([`gluster`]).
@@ -10,9 +11,11 @@
 //! [`fetch`] (bookworm download), [`run`] (holders, newcomers and verdicts), [`compat`]
 //! (matrix and checks), [`chains`] (the chain matrix) and [`iotest153`] (qemu-iotests 153) as
 //! [`section`]s of the compat run, comparing [`answer`]s of the `qlock` binary
-//! ([`qlock_bin`]) with real QEMU's, [`mod@bench`], [`ci`], [`gluster`]. The qlock and foreign holders, and the real
-//! `qemu-io` and storage-daemon holders, are qlock-testkit's.
+//! ([`qlock_bin`]) with real QEMU's, [`across`] (the slice across hosts), [`mod@bench`], [`ci`],
+//! [`gluster`]. The qlock and foreign holders, and the real `qemu-io` and storage-daemon holders,
+//! are qlock-testkit's.
 
+pub mod across;
 pub mod answer;
 pub mod bench;
 pub mod catalogue;

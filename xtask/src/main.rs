@@ -68,9 +68,13 @@ struct CompatArgs {
     /// Holders run at once (default: twice the CPUs).
     #[arg(short, long)]
     jobs: Option<usize>,
+    /// Do not run the slice across two hosts of a GlusterFS volume (it is reported as skipped).
+    #[arg(long)]
+    no_gluster: bool,
     /// Only holders and newcomers whose label contains this; repeatable. `chain` (or
     /// `chain qcow2-3`, ...) selects graphs of the chain matrix, `153` (or `153 qemu-io`, ...)
-    /// the qemu-iotests 153 rounds (by holder); no filter runs everything.
+    /// the qemu-iotests 153 rounds (by holder); no filter runs everything. The slice across
+    /// hosts is not filtered.
     #[arg(long)]
     only: Vec<String>,
     /// Run preset NAME with another access, to see the check catch it (NAME=ACCESS);
@@ -149,6 +153,13 @@ fn compat_main(args: &CompatArgs) -> Result<(), String> {
         failed |= report.failures().next().is_some();
         summaries.push(format!("{} in {:.1}s", report.summary(), started.elapsed().as_secs_f64()));
     }
+    if args.no_gluster {
+        summaries.push("compat: skipped gluster, across hosts: --no-gluster".into());
+    } else {
+        let (summary, agree) = compat_across_hosts(opts.jobs)?;
+        failed |= !agree;
+        summaries.push(summary);
+    }
     println!();
     for s in &summaries {
         println!("{s}");
@@ -157,4 +168,25 @@ fn compat_main(args: &CompatArgs) -> Result<(), String> {
         return Err("no QEMU version could be run".into());
     }
     if failed { Err("qlock and QEMU disagree (see DISAGREE above)".into()) } else { Ok(()) }
+}
+
+/// The slice across two hosts of a GlusterFS bed, on the QEMU on `PATH`: its summary line and
+/// whether every pair agrees, or a `skipped` line when this machine cannot have the bed (not
+/// under `CI=true`, where that fails).
+fn compat_across_hosts(jobs: usize) -> Result<(String, bool), String> {
+    use qlock_testkit::gluster::GlusterBed;
+    let started = std::time::Instant::now();
+    let bed = match GlusterBed::start() {
+        Ok(bed) => bed,
+        Err(e) if e.is_skip() && std::env::var("CI").as_deref() != Ok("true") => {
+            return Ok((format!("compat: skipped gluster, across hosts: {e}"), true));
+        }
+        Err(e) => return Err(format!("GlusterFS test bed: {e}")),
+    };
+    let build = QemuBuild::from_path()?;
+    let report = xtask::across::run(&build, &bed, jobs)?;
+    drop(bed);
+    print!("{}", report.render());
+    let summary = format!("{} in {:.1}s", report.summary(), started.elapsed().as_secs_f64());
+    Ok((summary, report.failures().next().is_none()))
 }

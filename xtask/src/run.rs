@@ -7,7 +7,7 @@
 //! QEMU's main loop, after the drives are set up).
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::RwLock;
 
@@ -218,16 +218,17 @@ pub fn run_qlock(access: Access, s: &Scratch) -> Outcome {
 }
 
 /// The bytes `ImageLock` holds for `access` on the (unheld) image, seen from outside with
-/// [`qlock_core::inspect`]. The qlock holder rows are testkit processes holding the bytes of
-/// `access`; this ties them to what qlock itself holds.
+/// [`qlock_core::inspect`] through `seen_from` (the same image, or the same image as another
+/// host sees it). The qlock holder rows are testkit processes holding the bytes of `access`;
+/// this ties them to what qlock itself holds.
 ///
 /// # Errors
 /// The acquisition's or the inspection's error.
-pub fn qlock_holds(access: Access, s: &Scratch) -> Result<LockSet, String> {
+pub fn qlock_holds(access: Access, s: &Scratch, seen_from: &Path) -> Result<LockSet, String> {
     let _gate = FORK_GATE.write().unwrap_or_else(|e| e.into_inner());
     let opts = LockOptions::default().with_find_holders(false);
     let lock = ImageLock::acquire_with(&s.image, access, &opts).map_err(|e| e.to_string())?;
-    let seen = qlock_core::inspect(&[&s.image]).remove(0).map_err(|e| e.to_string())?;
+    let seen = qlock_core::inspect(&[seen_from]).remove(0).map_err(|e| e.to_string())?;
     drop(lock);
     Ok(seen.others.held)
 }

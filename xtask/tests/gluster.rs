@@ -433,3 +433,158 @@ fn strict_locks_fence_host_a_writes_after_the_heal_but_do_not_keep_host_b_out() 
     // The descriptor that held locks is not reopened: host A's QEMU gets EBADFD.
     assert!(written.contains("write failed: File descriptor in bad state"), "{written}");
 }
+
+// ---- the compat slice across hosts ----
+
+#[test]
+fn the_compat_slice_across_hosts_agrees_and_catches_a_mutated_preset() {
+    use qlock_core::Access;
+    use xtask::compat::{self, MatrixNewcomer};
+    if !have_qemu() {
+        return;
+    }
+    let Some(bed) = GlusterBed::start_or_skip() else { return };
+    let build = xtask::qemu::QemuBuild::from_path().expect("qemu-utils on PATH");
+    let sides = xtask::across::sides(&build, &bed).unwrap();
+    let keep = |label: String, names: &[&str]| names.contains(&label.as_str());
+    let holders: Vec<_> = xtask::across::holders()
+        .into_iter()
+        .filter(|h| keep(h.label(), &["qemu-io (qcow2)", "qemu-nbd -r (raw)", "qlock read"]))
+        .collect();
+    let newcomers = |run_read_as: Access| -> Vec<MatrixNewcomer> {
+        let names = ["qlock read", "qemu-io (qcow2)", "qemu-io -r (qcow2)", "img info (qcow2)"];
+        let kept = xtask::across::newcomers().into_iter().filter(|n| keep(n.label(), &names));
+        kept.map(|n| match n {
+            MatrixNewcomer::Qlock { name: "read", claimed, .. } => {
+                MatrixNewcomer::Qlock { name: "read", claimed, run: run_read_as }
+            }
+            n => n,
+        })
+        .collect()
+    };
+    let report = compat::run_matrix(&sides, holders.clone(), newcomers(Access::READ), 1).unwrap();
+    assert_eq!(report.failures().count(), 0, "{}", report.render());
+    // Real refusals across hosts, with QEMU's messages, not only grants.
+    let refused = report.cells.iter().flatten().flatten().filter(|c| c.symbol() != '.').count();
+    assert!(refused >= 5, "{}", report.render());
+    assert!(report.summary().starts_with("compat (gluster, across hosts): "), "{}", report.summary());
+    // The newcomers' QEMU ran inside host B's namespace, through the wrappers.
+    assert!(sides.newcomer.build.origin.ends_with("host B"), "{}", sides.newcomer.build.origin);
+
+    // `read` that forgets to unshare write: a qemu-io writer on host A no longer stops it.
+    let mutated = compat::run_matrix(&sides, holders, newcomers(Access::FORCE_SHARE), 1).unwrap();
+    let failures: Vec<String> = mutated.failures().map(|c| c.detail.clone()).collect();
+    let caught = failures
+        .iter()
+        .find(|d| d.starts_with("holder qemu-io (qcow2), newcomer qlock read vs qemu-io -r (qcow2)"))
+        .unwrap_or_else(|| panic!("not caught across hosts:\n{}", mutated.render()));
+    assert!(caught.contains("qlock: granted"), "{caught}");
+    assert!(caught.contains("refused: Failed to get shared \"write\" lock"), "{caught}");
+}
+
+// ---- waiting across hosts: polling only (no inotify event crosses hosts) ----
+
+/// `qlock run --wait` on `image`, printing `got it` once it holds; its stdout lines arrive on
+/// the receiver.
+fn qlock_run_wait(image: &Path) -> (Child, Receiver<String>) {
+    let mut child = Command::new(qlock_bin())
+        .args(["run", "--wait", "--timeout", "60", "--access", "write"])
+        .arg(image)
+        .args(["--", "echo", "got it"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn qlock run --wait");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// `ImageLock::acquire_wait` for `write` on `image` in a thread; the result arrives on the
+/// receiver with the instant it came.
+fn acquire_wait_in_thread(image: &Path) -> Receiver<(Result<qlock_core::ImageLock, String>, Instant)> {
+    let (tx, rx) = channel();
+    let image = image.to_path_buf();
+    std::thread::spawn(move || {
+        let backoff = qlock_core::Backoff::default().with_timeout(Duration::from_secs(60));
+        let opts = qlock_core::LockOptions::default();
+        let r = qlock_core::ImageLock::acquire_wait(&image, qlock_core::Access::WRITE, &opts, &backoff);
+        let _ = tx.send((r.map_err(|e| e.to_string()), Instant::now()));
+    });
+    rx
+}
+
+/// A waiter that has not got in within 300 ms while the holder lives: still waiting (a
+/// bounded observation, not a handshake: a wrong grant would show here or in the checks after).
+const STILL_WAITING: Duration = Duration::from_millis(300);
+
+#[test]
+fn waiters_on_host_b_get_in_when_the_holder_on_host_a_exits() {
+    if !have_qemu() {
+        return;
+    }
+    let Some(bed) = GlusterBed::start_or_skip() else { return };
+
+    // `qlock run --wait` on host B behind a real qemu-io on host A, which quits.
+    let (on_a, on_b) = qcow2(&bed, "run-wait.qcow2");
+    let mut qemu_a = QemuIo::open(&on_a).expect("qemu-io on host A");
+    let (run, lines) = qlock_run_wait(&on_b);
+    assert!(lines.recv_timeout(STILL_WAITING).is_err(), "qlock run got in while host A's qemu-io held");
+    let quit = Instant::now();
+    drop(qemu_a.command("quit", Duration::from_secs(10)));
+    assert_eq!(lines.recv_timeout(Duration::from_secs(30)).as_deref(), Ok("got it"));
+    eprintln!("qemu-io quit on A -> qlock run --wait on B ran its command after {:?}", quit.elapsed());
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // The library's acquire_wait on host B behind a holder process on host A, which exits.
+    let (on_a, on_b) = image(&bed, "lib-wait.img");
+    let mut holder = FakeQemu::builder(&on_a).front_end(FrontEnd::VmDisk, Format::Raw).spawn().unwrap();
+    let waiter = acquire_wait_in_thread(&on_b);
+    assert!(waiter.recv_timeout(STILL_WAITING).is_err(), "acquire_wait got in while host A held");
+    let released = Instant::now();
+    assert!(holder.release().unwrap().success());
+    let (guard, at) = waiter.recv_timeout(Duration::from_secs(30)).expect("acquire_wait still waiting");
+    let guard = guard.expect("acquire_wait on host B");
+    eprintln!("holder exit on A -> acquire_wait on B returned after {:?}", at - released);
+    // Host B's guard now keeps host A's QEMU out.
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", "quit"]).arg(&on_a).output().unwrap();
+    assert!(text(&out.stderr).contains("Failed to get \"write\" lock"), "{}", text(&out.stderr));
+    drop(guard);
+}
+
+#[test]
+fn waiters_on_host_b_get_in_when_host_a_crashes() {
+    let Some(bed) = GlusterBed::start_or_skip() else { return };
+    let (run_a, run_b) = image(&bed, "crash-run.img");
+    let (lib_a, lib_b) = image(&bed, "crash-lib.img");
+    let holders: Vec<FakeQemu> = [&run_a, &lib_a]
+        .map(|p| FakeQemu::builder(p).front_end(FrontEnd::VmDisk, Format::Raw).spawn().unwrap())
+        .into();
+    let (mut run, lines) = qlock_run_wait(&run_b);
+    let waiter = acquire_wait_in_thread(&lib_b);
+    assert!(lines.recv_timeout(STILL_WAITING).is_err(), "qlock run got in while host A held");
+    assert!(waiter.try_recv().is_err(), "acquire_wait got in while host A held");
+
+    let crashed = Instant::now();
+    bed.host_a().kill_client().expect("SIGKILL host A's glusterfs");
+    assert_eq!(lines.recv_timeout(Duration::from_secs(30)).as_deref(), Ok("got it"));
+    eprintln!("host A crashed -> qlock run --wait on B ran its command after {:?}", crashed.elapsed());
+    let (guard, at) = waiter.recv_timeout(Duration::from_secs(30)).expect("acquire_wait still waiting");
+    let guard = guard.expect("acquire_wait on host B");
+    eprintln!("host A crashed -> acquire_wait on B returned after {:?}", at - crashed);
+    assert!(run.wait().unwrap().success());
+    // Host A's holders still run, their mount dead under them.
+    for h in &holders {
+        assert!(Path::new(&format!("/proc/{}", h.pid())).exists());
+    }
+    drop(guard);
+}

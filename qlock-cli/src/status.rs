@@ -89,7 +89,10 @@ pub(crate) fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) ->
     if s.unreadable_processes > 0 {
         let n = s.unreadable_processes;
         let what = if n == 1 { "1 process" } else { &format!("{n} processes") };
-        row("opener", &format!("unknown: {what} could not be read (another user's?): it may have the image open"))?;
+        row(
+            "opener",
+            &format!("unknown: {what} could not be read (another user's?): it may have the image open"),
+        )?;
     }
     for f in &s.foreign {
         let pid = f.pid.map_or_else(|| "unknown holder".to_string(), |p| format!("pid {p}"));

@@ -79,6 +79,7 @@ pub(crate) fn take(
         if left == Some(Duration::ZERO) {
             return Err(found.failure(conflict, Some(start.elapsed())));
         }
+        tracing::debug!(image = %found.path.display(), "waiting: unlocked writer pid {}", found.opener.pid);
         let delay = delays.next().unwrap_or(Duration::from_millis(250));
         // The writer closing the image ends the sleep early.
         let watches: Vec<CloseWatch> = refs.iter().filter_map(|p| CloseWatch::new(p).ok()).collect();

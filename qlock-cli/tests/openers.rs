@@ -172,7 +172,7 @@ fn wait_and_run_strict_wait_for_the_unlocked_writer_to_go() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).starts_with(&"qlock: Timed out after "), "{}", stderr(&o));
+    assert!(stderr(&o).starts_with("qlock: Timed out after "), "{}", stderr(&o));
     assert!(
         stderr(&o)
             .contains(&format!("Image is open read-write without a lock by pid {} (qemu-io)", qemu.pid()))

@@ -6,8 +6,8 @@ use qlock_core::{Error, ImageStatus};
 
 use crate::runtime::Runtime;
 
-/// [`qlock_core::inspect`] on `R`'s blocking pool: probes each image and names the holders with
-/// one walk over `/proc`, locking nothing.
+/// [`qlock_core::inspect`] on `R`'s blocking pool: probes each image and names the holders and
+/// every opener with one walk over `/proc`, locking nothing.
 ///
 /// # Errors
 /// One result per path, in order; a path that cannot be opened or probed fails alone, and a

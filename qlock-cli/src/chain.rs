@@ -207,9 +207,7 @@ pub(crate) fn status(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome,
         }
     }
     if args.json {
-        let text = serde_json::to_string_pretty(&json!({ "images": images }))
-            .map_err(|e| Failure::Other(format!("cannot print JSON: {e}")))?;
-        writeln!(out, "{text}").map_err(Failure::Output)?;
+        status::print_json(out, images)?;
     }
     Ok(if failed { Outcome::SomeFailed } else { Outcome::Success })
 }

@@ -71,7 +71,7 @@ pub(crate) struct CheckArgs {
     /// snapshot, convert, dd, bench, bench-write, create (IMAGE is the image it opens: the
     /// source of convert and dd, the file create makes). Implies the whole graph.
     #[arg(long, value_name = "NAME", value_parser = op, group = "what",
-          conflicts_with_all = ["access", "perm", "share", "timeout", "chain", "no_chain"])]
+          conflicts_with_all = ["access", "perm", "share", "timeout", "chain", "no_chain", "strict"])]
     pub(crate) op: Option<Op>,
     /// With --op: qemu-img's -U (force share).
     #[arg(short = 'U', long = "force-share", requires = "op")]
@@ -100,6 +100,11 @@ pub(crate) struct HoldArgs {
     /// Lock the named files alone (the default).
     #[arg(long, overrides_with = "chain")]
     pub(crate) no_chain: bool,
+    /// Also count a process with an image open read-write and no lock (QEMU with
+    /// locking=off, a tool that ignores locks, an inactive migration target) as a conflict;
+    /// when waiting, wait for it to close the image.
+    #[arg(long)]
+    pub(crate) strict: bool,
 }
 
 #[derive(Debug, Args)]

@@ -31,16 +31,23 @@ pub(crate) fn wait(args: &HoldArgs) -> Result<Outcome, Failure> {
 }
 
 /// [`take`], or with `--chain` every image's whole graph ([`crate::chain::take`]); a conflict
-/// exits with `conflict`.
+/// exits with `conflict`. With `--strict`, an unlocked writer of any image taken is a conflict
+/// too ([`crate::strict`]).
 pub(crate) fn take_for(
     args: &HoldArgs,
     waiting: Option<Backoff>,
     conflict: u8,
 ) -> Result<Vec<ImageLock>, Failure> {
-    if args.chain {
-        return crate::chain::take(args, waiting, conflict);
+    let locks = |waiting: Option<Backoff>| {
+        if args.chain {
+            return crate::chain::take(args, waiting, conflict);
+        }
+        take(args, waiting).map_err(|error| Failure::Lock { error, conflict })
+    };
+    if args.strict {
+        return crate::strict::take(waiting, conflict, locks);
     }
-    take(args, waiting).map_err(|error| Failure::Lock { error, conflict })
+    locks(waiting)
 }
 
 /// Opens every image (each file once, however many names it was given by), then takes the

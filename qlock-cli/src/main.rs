@@ -8,6 +8,8 @@
 //! qlock check IMAGE --op NAME [-U]          would `qemu-img NAME IMAGE` get past locking?
 //! ```
 //!
+//! `--strict` (check, wait, run) also refuses an unlocked writer ([`strict`]).
+//!
 //! `--chain` (run, check, wait, status) takes or shows each image's whole graph ([`chain`]).
 //!
 //! The shape is ripgrep's: `main` parses the command line once ([`cli`]), [`try_main`] runs a
@@ -25,6 +27,7 @@ mod hold;
 mod images;
 mod run;
 mod status;
+mod strict;
 mod sys;
 
 use std::ffi::OsString;

@@ -6,8 +6,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use qlock_core::Verdict;
-use qlock_core::{HeldRange, Holder, ImageStatus};
+use qlock_core::{HeldRange, Holder, ImageStatus, Opener};
+use qlock_core::{Label, Verdict};
 use qlock_core::{LockKind, LockSet, Perm, inspect};
 use serde_json::{Value, json};
 
@@ -30,9 +30,7 @@ pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, F
                 }
             })
             .collect();
-        let text = serde_json::to_string_pretty(&json!({ "images": images }))
-            .map_err(|e| Failure::Other(format!("cannot print JSON: {e}")))?;
-        writeln!(out, "{text}").map_err(Failure::Output)?;
+        print_json(out, images)?;
     } else {
         for (n, (name, r)) in each().enumerate() {
             if n > 0 {
@@ -50,6 +48,20 @@ pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, F
         }
     }
     Ok(if results.iter().any(Result::is_err) { Outcome::SomeFailed } else { Outcome::Success })
+}
+
+/// The version of the JSON that `status --json` prints: fields are added freely, never renamed
+/// or removed, without a new version.
+pub(crate) const SCHEMA: u32 = 1;
+
+/// `{"schema": 1, "images": [...]}`, pretty-printed, `schema` first so that a reader can check
+/// the version before anything else (serde_json sorts an object's keys, so the outer object is
+/// written here; JSON strings hold no raw newline, so indenting every line is safe).
+pub(crate) fn print_json(out: &mut impl Write, images: Vec<Value>) -> Result<(), Failure> {
+    let images = serde_json::to_string_pretty(&images)
+        .map_err(|e| Failure::Other(format!("cannot print JSON: {e}")))?
+        .replace('\n', "\n  ");
+    writeln!(out, "{{\n  \"schema\": {SCHEMA},\n  \"images\": {images}\n}}").map_err(Failure::Output)
 }
 
 pub(crate) fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) -> std::io::Result<()> {
@@ -70,6 +82,17 @@ pub(crate) fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) ->
     }
     if s.unidentified {
         row("holder", "unknown (another user's process, another host, or a lock the probes saw only)")?;
+    }
+    for o in &s.openers {
+        row("opener", &o.to_string())?;
+    }
+    if s.unreadable_processes > 0 {
+        let n = s.unreadable_processes;
+        let what = if n == 1 { "1 process" } else { &format!("{n} processes") };
+        row(
+            "opener",
+            &format!("unknown: {what} could not be read (another user's?): it may have the image open"),
+        )?;
     }
     for f in &s.foreign {
         let pid = f.pid.map_or_else(|| "unknown holder".to_string(), |p| format!("pid {p}"));
@@ -108,6 +131,34 @@ fn holder_json(h: &Holder) -> Value {
     })
 }
 
+fn opener_json(o: &Opener) -> Value {
+    let (uses, refuses) = match o.label {
+        Label::Qemu { uses, refuses } => (Some(names(uses)), Some(names(refuses))),
+        _ => (None, None),
+    };
+    json!({
+        "pid": o.pid,
+        "command": o.command,
+        "fd": o.fd,
+        "mode": o.mode.as_str(),
+        "locks": o.locks(),
+        "label": o.label.to_string(),
+        "class": o.label.class(),
+        "uses": uses,
+        "refuses": refuses,
+        "flock": o.flock.map(|x| if x { "exclusive" } else { "shared" }),
+        "lock_kind": o.lock_kind.map(|k| match k { LockKind::Ofd => "ofd", LockKind::Posix => "posix" }),
+        "ranges": o.ranges.iter().map(range_json).collect::<Vec<_>>(),
+        "age_secs": o.age.map(|a| a.as_secs()),
+        "uid": o.uid,
+        "unit": o.unit,
+        "cgroup": o.cgroup,
+        "vm": o.vm(),
+        "machine": o.machine,
+        "qemu_name": o.qemu_name,
+    })
+}
+
 fn verdict_json(v: &Verdict) -> Value {
     let byte = match v {
         Verdict::Granted => None,
@@ -132,6 +183,8 @@ pub(crate) fn to_json(s: &ImageStatus, name: &Path) -> Value {
         "unshares": names(held.unshared),
         "holders": s.holders.iter().map(holder_json).collect::<Vec<_>>(),
         "unidentified": s.unidentified,
+        "openers": s.openers.iter().map(opener_json).collect::<Vec<_>>(),
+        "unreadable_processes": s.unreadable_processes,
         "foreign": s.foreign.iter().map(|f| json!({
             "range": range_json(&f.range),
             "pid": f.pid,

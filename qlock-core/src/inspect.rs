@@ -1,9 +1,9 @@
 //! The status of many images from outside: byte probes for the state, one `/proc` walk for
-//! the holders.
+//! the holders and every opener.
 //!
 //! Each image is opened through [`ImageLock`] (so it is classified and opened exactly as a
-//! guard would) but nothing is locked; [`crate::proc`] then names the holders of all of them
-//! at once.
+//! guard would) but nothing is locked; [`crate::proc`] then names the holders and openers of
+//! all of them at once, in one walk, and [`crate::opener`] says what each opener is.
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::access::Access;
 use crate::error::{self, Error, Result};
 use crate::image::{ImageLock, LockOptions, Locking};
+use crate::opener::{self, Clock, Opener};
 use crate::perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 use crate::proc::{self, HeldRange, Holder};
 use crate::protocol::{ByteRange, LockSet, Others, Verdict, decide};
@@ -28,8 +29,9 @@ pub struct ForeignLock {
     pub reason: &'static str,
 }
 
-/// Everything known about the locks on one image, from outside.
+/// Everything known about the locks on one image, and who has it open, from outside.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ImageStatus {
     /// The image as given.
     pub path: PathBuf,
@@ -40,6 +42,12 @@ pub struct ImageStatus {
     pub holders: Vec<Holder>,
     /// True when some held byte has no visible holder (another user's process, another host).
     pub unidentified: bool,
+    /// Every descriptor of every process open on the image, locked or not, by pid and fd;
+    /// this process's own descriptors too (not the ones inspection itself opened).
+    pub openers: Vec<Opener>,
+    /// Processes whose descriptors could not be read (other users', without privileges): any
+    /// of them may have the image open, unseen.
+    pub unreadable_processes: usize,
     /// Locks that do not fit the protocol.
     pub foreign: Vec<ForeignLock>,
     /// For each preset, what QEMU would answer it now.
@@ -59,8 +67,9 @@ impl ImageStatus {
 
 /// Inspects many images with one walk over `/proc`.
 ///
-/// Each image is opened read-only and probed; nothing is locked. One result per path, in order:
-/// a missing or unreadable image fails alone.
+/// Each image is opened read-only and probed; nothing is locked. Then one walk over every
+/// process's fdinfo names the holders and openers of all the images together. One result per
+/// path, in order: a missing or unreadable image fails alone.
 ///
 /// ```
 /// use qlock_core::{Access, ImageLock, inspect};
@@ -83,16 +92,20 @@ pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
         .map(|(i, p)| {
             let image = ImageLock::open(p.as_ref(), &probe_opts)?;
             let (status, posix_pids) = probe(&image)?;
-            if !status.others.held.is_empty() || !status.foreign.is_empty() {
-                keys.insert(image.file_key(), i);
-            }
+            // Every image, locked or not: an unlocked opener is what the walk is also for.
+            keys.insert(image.file_key(), i);
             Ok((status, posix_pids))
         })
         .collect();
-    let mut found = proc::scan_proc(&keys, None);
+    // Every probe descriptor is closed by now, so none of them shows as an opener.
+    let mut walk = proc::scan_proc(&keys, None, true);
+    let clock = Clock::now();
     for (i, entry) in out.iter_mut().enumerate() {
         if let Ok((status, posix_pids)) = entry {
-            status.holders = found.remove(&i).unwrap_or_default();
+            let found = walk.files.remove(&i).unwrap_or_default();
+            status.openers = opener::openers(&found, &clock);
+            status.unreadable_processes = walk.unreadable;
+            status.holders = found.holders;
             finish(status, posix_pids);
         }
     }
@@ -106,6 +119,8 @@ fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {
         others: Others::default(),
         holders: Vec::new(),
         unidentified: false,
+        openers: Vec::new(),
+        unreadable_processes: 0,
         foreign: Vec::new(),
         presets: Vec::new(),
         lock_kind: image.lock_kind(),

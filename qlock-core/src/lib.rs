@@ -31,9 +31,10 @@
 //!
 //! Modules, bottom up, in the order data flows: `perm` (bits and bytes), `access` (requests
 //! and presets), `protocol` (byte sets, plans and verdicts, behind [`plan`]), `sys` (the fcntl
-//! calls), `proc` (the `/proc` walk that names holders: a leaf), `error`, `wait` (backoff) and
-//! `wake` (the inotify hint that ends a wait's sleep early), `image` (the guard), `inspect`
-//! (status from outside), [`graph`]. The async guard, generic over a runtime, is the
+//! calls), `proc` (the one `/proc` walk that names holders and openers: a leaf), `error`, `wait` (backoff) and
+//! `wake` (the inotify hint that ends a wait's sleep early), `image` (the guard), `opener`
+//! (what each process with an image open is), `inspect` (status from outside: probes and one
+//! `/proc` walk for holders and openers together), [`graph`]. The async guard, generic over a runtime, is the
 //! `qlock-async` crate's: the sync core ends at the wake hint ([`CloseWatch`]).
 #![forbid(unsafe_code)]
 
@@ -42,6 +43,7 @@ mod error;
 pub mod graph;
 mod image;
 mod inspect;
+mod opener;
 mod perm;
 pub mod plan;
 mod posix;
@@ -55,6 +57,7 @@ pub use access::{Access, Preset};
 pub use error::{Conflict, ConflictReason, Error, Result, strerror};
 pub use image::{HolderLookup, ImageLock, LockOptions, Locking};
 pub use inspect::{ForeignLock, ImageStatus, inspect};
+pub use opener::{Label, OpenMode, Opener};
 pub use perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 pub use proc::{HeldRange, Holder};
 pub use protocol::{ByteRange, Check, LockSet, Others, Runs, Verdict};

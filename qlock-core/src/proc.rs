@@ -1,14 +1,16 @@
-//! Who holds what, from `/proc`: the fdinfo `lock:` lines of every process (a leaf).
+//! Who holds what, and who has the file open, from `/proc`: one walk over every process's
+//! fdinfo (a leaf).
 //!
 //! `F_OFD_GETLK` tells *that* a byte is held but reports pid -1 for OFD locks, and
 //! `/proc/locks` does the same (and is no consistent snapshot under churn). The kernel repeats
-//! each lock in the `lock:` lines of the holder's `/proc/PID/fdinfo/FD`, so one walk over
-//! `/proc` names the holders of any number of images at once. Processes of other users whose
-//! fdinfo cannot be read are skipped: their bytes still show in the probes, as held by an
-//! unknown holder. This module opens no image and knows no guard: the error and the guard
-//! point down to it, and the inspection of images builds on both.
+//! each lock in the `lock:` lines of the holder's `/proc/PID/fdinfo/FD`, and the same file says
+//! how the descriptor was opened (`flags:`) and on which inode (`ino:`), so one walk over
+//! `/proc` names the holders *and* every opener of any number of images at once. Processes of
+//! other users whose fdinfo cannot be read are counted and skipped: their bytes still show in
+//! the probes, as held by an unknown holder. This module opens no image and knows no guard: the
+//! error and the guard point down to it, and the inspection of images builds on both.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Write as _};
 use std::fs::{self, File, Metadata};
 use std::io::Read;
@@ -130,7 +132,7 @@ impl fmt::Display for Holder {
 pub(crate) fn holding_byte(key: FileKey, own_fd: RawFd, byte: u64) -> Vec<Holder> {
     let keys = HashMap::from([(key, 0)]);
     let own = (std::process::id(), u32::try_from(own_fd).ok());
-    let mut holders = scan_proc(&keys, Some(own)).remove(&0).unwrap_or_default();
+    let mut holders = scan_proc(&keys, Some(own), false).files.remove(&0).unwrap_or_default().holders;
     holders.retain(|h| h.covers(byte));
     holders
 }
@@ -144,56 +146,113 @@ pub(crate) fn file_key(md: &Metadata) -> FileKey {
     (nix::sys::stat::major(dev) as u32, nix::sys::stat::minor(dev) as u32, md.ino())
 }
 
-/// One walk over `/proc/*/fdinfo/*`: the holders of each wanted file, by the caller's index.
+/// What one walk found for one wanted file.
+#[derive(Debug, Default)]
+pub(crate) struct Found {
+    /// The descriptors holding byte-range (OFD or POSIX) locks on it.
+    pub(crate) holders: Vec<Holder>,
+    /// Every descriptor open on it, locked or not (when the walk was asked for openers).
+    pub(crate) open: Vec<OpenFd>,
+}
+
+/// One descriptor open on a wanted file, as its fdinfo shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OpenFd {
+    pub(crate) pid: u32,
+    pub(crate) fd: u32,
+    /// The `flags:` line: the open(2) flags (the access mode in the low two bits).
+    pub(crate) flags: u32,
+    /// A `flock(2)` lock through it: `Some(true)` exclusive, `Some(false)` shared.
+    pub(crate) flock: Option<bool>,
+}
+
+/// What one walk over `/proc` found, by the caller's index of each wanted file.
+#[derive(Debug, Default)]
+pub(crate) struct Walk {
+    pub(crate) files: HashMap<usize, Found>,
+    /// Processes whose descriptors could not be read (other users', without privileges): their
+    /// locks still show in the probes, their unlocked descriptors nowhere.
+    pub(crate) unreadable: usize,
+}
+
+impl Walk {
+    fn merge(&mut self, other: Walk) {
+        for (idx, found) in other.files {
+            let mine = self.files.entry(idx).or_default();
+            mine.holders.extend(found.holders);
+            mine.open.extend(found.open);
+        }
+        self.unreadable += other.unreadable;
+    }
+}
+
+/// One walk over `/proc/*/fdinfo/*`: the holders of each wanted file and, with `openers`,
+/// every descriptor open on it, by the caller's index.
 ///
-/// The thousands of small fdinfo reads dominate (see `cargo bench -p qlock-core -- inspect`), so
-/// a large walk is split over two threads.
+/// A descriptor is matched by device and inode: from its `lock:` lines when it holds locks,
+/// else by its fdinfo `ino:` line first (Linux >= 5.14; one `stat` of `/proc/PID/fd/N` then
+/// confirms the device, only for the few whose inode number matches), and by that `stat` alone
+/// on older kernels. The thousands of small fdinfo reads dominate (see `cargo bench -p
+/// qlock-core -- inspect`), so a large walk is split over two threads.
 pub(crate) fn scan_proc(
     keys: &HashMap<FileKey, usize>,
     exclude: Option<(u32, Option<u32>)>,
-) -> HashMap<usize, Vec<Holder>> {
+    openers: bool,
+) -> Walk {
     if keys.is_empty() {
-        return HashMap::new();
+        return Walk::default();
     }
-    let Ok(procs) = fs::read_dir("/proc") else { return HashMap::new() };
+    let Ok(procs) = fs::read_dir("/proc") else { return Walk::default() };
     let pids: Vec<u32> =
         procs.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect();
+    let want = Want { keys, inodes: keys.keys().map(|k| k.2).collect(), exclude, openers };
     if pids.len() < 64 {
-        return scan_pids(&pids, keys, exclude);
+        return scan_pids(&pids, &want);
     }
     let (mine, theirs) = pids.split_at(pids.len() / 2);
     std::thread::scope(|s| {
-        let other = std::thread::Builder::new().spawn_scoped(s, || scan_pids(theirs, keys, exclude));
-        let Ok(other) = other else { return scan_pids(&pids, keys, exclude) };
-        let mut found = scan_pids(mine, keys, exclude);
+        let other = std::thread::Builder::new().spawn_scoped(s, || scan_pids(theirs, &want));
+        let Ok(other) = other else { return scan_pids(&pids, &want) };
+        let mut found = scan_pids(mine, &want);
         // A panic in the other half is a bug; its holders are then just not named.
-        for (idx, holders) in other.join().unwrap_or_default() {
-            found.entry(idx).or_default().extend(holders);
-        }
+        found.merge(other.join().unwrap_or_default());
         found
     })
 }
 
-/// The holders among `pids`, by the caller's index of the file they hold.
-fn scan_pids(
-    pids: &[u32],
-    keys: &HashMap<FileKey, usize>,
+/// What a walk looks for.
+struct Want<'a> {
+    keys: &'a HashMap<FileKey, usize>,
+    /// The wanted inode numbers, to pick the descriptors worth a `stat` by their `ino:` line.
+    inodes: HashSet<u64>,
     exclude: Option<(u32, Option<u32>)>,
-) -> HashMap<usize, Vec<Holder>> {
-    let mut found: HashMap<usize, Vec<Holder>> = HashMap::new();
+    openers: bool,
+}
+
+/// The holders and openers among `pids`.
+fn scan_pids(pids: &[u32], want: &Want<'_>) -> Walk {
+    let mut walk = Walk::default();
     let mut buf = Vec::with_capacity(4096);
     let mut path = String::with_capacity(64);
     for &pid in pids {
         path.clear();
         let _ = write!(path, "/proc/{pid}/fdinfo/");
         let base = path.len();
-        let Ok(fds) = fs::read_dir(&path) else { continue };
+        let fds = match fs::read_dir(&path) {
+            Ok(fds) => fds,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    walk.unreadable += 1;
+                }
+                continue;
+            }
+        };
         let mut command = None;
         for fd_entry in fds.flatten() {
             let fd_name = fd_entry.file_name();
             let Some(fd_str) = fd_name.to_str() else { continue };
             let fd = fd_str.parse::<u32>().ok();
-            if exclude == Some((pid, fd)) {
+            if want.exclude == Some((pid, fd)) {
                 continue;
             }
             path.truncate(base);
@@ -201,13 +260,13 @@ fn scan_pids(
             if read_small(&path, &mut buf).is_err() {
                 continue;
             }
-            for line in buf.split(|b| *b == b'\n').filter(|l| l.starts_with(b"lock:")) {
-                let Some((key, kind, range)) = std::str::from_utf8(line).ok().and_then(parse_lock_line)
-                else {
-                    continue;
-                };
-                let Some(&idx) = keys.get(&key) else { continue };
-                let holders = found.entry(idx).or_default();
+            let info = FdInfo::parse(&buf);
+            let mut file = None;
+            for (key, lock) in info.locks {
+                let Some(&idx) = want.keys.get(&key) else { continue };
+                file = Some(idx);
+                let Lock::Range(kind, range) = lock else { continue };
+                let holders = &mut walk.files.entry(idx).or_default().holders;
                 let holder = match holders.iter().position(|h| h.pid == pid && h.fd == fd) {
                     Some(i) => &mut holders[i],
                     None => {
@@ -218,19 +277,78 @@ fn scan_pids(
                 };
                 holder.ranges.push(range);
             }
+            if !want.openers {
+                continue;
+            }
+            let (Some(fd), Some(flags)) = (fd, info.flags) else { continue };
+            // An O_PATH descriptor names the file but cannot read or write it.
+            if flags & nix::libc::O_PATH as u32 != 0 {
+                continue;
+            }
+            if file.is_none() && info.ino.is_none_or(|ino| want.inodes.contains(&ino)) {
+                path.clear();
+                let _ = write!(path, "/proc/{pid}/fd/{fd}");
+                file = fs::metadata(&path).ok().and_then(|md| want.keys.get(&file_key(&md)).copied());
+            }
+            if let Some(idx) = file {
+                walk.files.entry(idx).or_default().open.push(OpenFd { pid, fd, flags, flock: info.flock });
+            }
         }
     }
-    found
+    walk
 }
 
-/// Parses `lock:\t1: OFDLCK ADVISORY  READ -1 fe:00:10010650 100 101`. Blocked waiters (`->`),
-/// `flock(2)` locks and leases are skipped: they are not byte-range locks QEMU can see.
-fn parse_lock_line(line: &str) -> Option<(FileKey, LockKind, HeldRange)> {
+/// A lock line of fdinfo: a byte-range lock, or a `flock(2)` lock (exclusive or not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lock {
+    Range(LockKind, HeldRange),
+    Flock(bool),
+}
+
+/// What one fdinfo file says about its descriptor.
+#[derive(Debug, Default)]
+struct FdInfo {
+    /// `flags:`, octal.
+    flags: Option<u32>,
+    /// `ino:` (Linux >= 5.14).
+    ino: Option<u64>,
+    locks: Vec<(FileKey, Lock)>,
+    /// The last `flock(2)` lock's mode.
+    flock: Option<bool>,
+}
+
+impl FdInfo {
+    fn parse(buf: &[u8]) -> FdInfo {
+        let mut info = FdInfo::default();
+        for line in buf.split(|b| *b == b'\n') {
+            let Ok(line) = std::str::from_utf8(line) else { continue };
+            if let Some(v) = line.strip_prefix("flags:") {
+                info.flags = u32::from_str_radix(v.trim(), 8).ok();
+            } else if let Some(v) = line.strip_prefix("ino:") {
+                info.ino = v.trim().parse().ok();
+            } else if line.starts_with("lock:") {
+                if let Some((key, lock)) = parse_lock_line(line) {
+                    if let Lock::Flock(write) = lock {
+                        info.flock = Some(write);
+                    }
+                    info.locks.push((key, lock));
+                }
+            }
+        }
+        info
+    }
+}
+
+/// Parses `lock:\t1: OFDLCK ADVISORY  READ -1 fe:00:10010650 100 101` and `flock(2)`'s
+/// `lock:\t1: FLOCK  ADVISORY  WRITE 4242 fe:00:10010650 0 EOF`. Blocked waiters (`->`) and
+/// leases are skipped.
+fn parse_lock_line(line: &str) -> Option<(FileKey, Lock)> {
     let mut t = line.strip_prefix("lock:")?.split_whitespace();
     t.next()?; // ordinal "1:"
     let kind = match t.next()? {
-        "OFDLCK" => LockKind::Ofd,
-        "POSIX" => LockKind::Posix,
+        "OFDLCK" => Some(LockKind::Ofd),
+        "POSIX" => Some(LockKind::Posix),
+        "FLOCK" => None,
         _ => return None,
     };
     t.next()?; // ADVISORY / MANDATORY
@@ -249,7 +367,11 @@ fn parse_lock_line(line: &str) -> Option<(FileKey, LockKind, HeldRange)> {
         "EOF" => None,
         e => Some(e.parse().ok()?),
     };
-    Some(((major, minor, ino), kind, HeldRange { start, end, write }))
+    let lock = match kind {
+        Some(kind) => Lock::Range(kind, HeldRange { start, end, write }),
+        None => Lock::Flock(write),
+    };
+    Some(((major, minor, ino), lock))
 }
 
 fn read_small(path: &str, buf: &mut Vec<u8>) -> std::io::Result<()> {
@@ -281,14 +403,28 @@ mod tests {
 
     #[test]
     fn parses_fdinfo_lock_lines() {
-        let (key, kind, r) =
+        let (key, lock) =
             parse_lock_line("lock:\t1: OFDLCK ADVISORY  READ -1 fe:00:10010650 100 101").unwrap();
-        assert_eq!((key, kind), ((0xfe, 0, 10010650), LockKind::Ofd));
-        assert_eq!(r, HeldRange { start: 100, end: Some(101), write: false });
-        let (_, kind, r) = parse_lock_line("lock:\t2: POSIX  ADVISORY  WRITE 4242 08:01:77 0 EOF").unwrap();
-        assert_eq!((kind, r.end, r.write), (LockKind::Posix, None, true));
-        assert!(parse_lock_line("lock:\t3: FLOCK  ADVISORY  WRITE 4242 08:01:77 0 EOF").is_none());
+        let range = HeldRange { start: 100, end: Some(101), write: false };
+        assert_eq!((key, lock), ((0xfe, 0, 10010650), Lock::Range(LockKind::Ofd, range)));
+        let (_, lock) = parse_lock_line("lock:\t2: POSIX  ADVISORY  WRITE 4242 08:01:77 0 EOF").unwrap();
+        let range = HeldRange { start: 0, end: None, write: true };
+        assert_eq!(lock, Lock::Range(LockKind::Posix, range));
+        let (key, lock) = parse_lock_line("lock:\t3: FLOCK  ADVISORY  WRITE 4242 08:01:77 0 EOF").unwrap();
+        assert_eq!((key, lock), ((8, 1, 77), Lock::Flock(true)));
         assert!(parse_lock_line("lock:\t1: -> OFDLCK ADVISORY READ -1 08:01:77 0 EOF").is_none());
+        assert!(parse_lock_line("lock:\t1: LEASE  ACTIVE    READ 4242 08:01:77 0 EOF").is_none());
+    }
+
+    #[test]
+    fn parses_fdinfo_files() {
+        let text = b"pos:\t0\nflags:\t0100002\nmnt_id:\t24\nino:\t77\n\
+                     lock:\t1: FLOCK  ADVISORY  READ 4242 08:01:77 0 EOF\n";
+        let info = FdInfo::parse(text);
+        assert_eq!((info.flags, info.ino, info.flock), (Some(0o100002), Some(77), Some(false)));
+        assert_eq!(info.locks.len(), 1);
+        let old_kernel = FdInfo::parse(b"pos:\t0\nflags:\t02100000\nmnt_id:\t24\n");
+        assert_eq!((old_kernel.flags, old_kernel.ino), (Some(0o2100000), None));
     }
 
     #[test]

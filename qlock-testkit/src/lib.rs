@@ -41,7 +41,8 @@
 //! no lock.
 //!
 //! Modules: [`front_end`] (the spec's table), [`raw`] (lock sets and change plans),
-//! [`holder`] (the handle), `fixtures` (rstest fixtures, the default feature `fixtures`),
+//! [`holder`] (the handle), `ready` ([`ReadyChild`]: any program with an image open, ready on
+//! its own output), `fixtures` (rstest fixtures, the default feature `fixtures`),
 //! `fuse` (a real FUSE filesystem whose locks fail, feature `fuse`), `gluster` (a real
 //! two-host GlusterFS bed, feature `gluster`), [`error`].
 //!
@@ -60,6 +61,7 @@ pub mod holder;
 mod image;
 pub mod newcomer;
 pub mod raw;
+mod ready;
 mod real;
 pub mod reexec;
 mod serial;
@@ -73,5 +75,6 @@ pub use image::{IMAGE_SIZE, TempImage};
 pub use newcomer::Newcomer;
 pub use qlock_core::{Access, LockKind, Perm};
 pub use raw::RawLock;
+pub use ready::ReadyChild;
 pub use serial::serial;
 pub use skip::{in_ci, require, require_all, skip};

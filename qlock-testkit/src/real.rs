@@ -346,7 +346,7 @@ fn qemu_failed(program: &str, status: Option<ExitStatus>, stderr: &[u8]) -> Erro
 
 /// Reads QEMU's stdout into `seen` until `marker` appears after what `seen` already held; a
 /// QEMU that exits first is an error carrying its stderr.
-fn read_until(
+pub(crate) fn read_until(
     child: &mut Child,
     stdout: &mut ChildStdout,
     seen: &mut Vec<u8>,

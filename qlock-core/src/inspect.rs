@@ -13,8 +13,9 @@ use crate::access::Access;
 use crate::error::{self, Error, Result};
 use crate::image::{ImageLock, LockOptions, Locking};
 use crate::perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
-use crate::proc::{self, HeldRange, Holder};
+use crate::proc::{self, FileKey, HeldRange, Holder};
 use crate::protocol::{ByteRange, LockSet, Others, Verdict, decide};
+use crate::storage::{self, LockScope, Mounts};
 use crate::sys::{self, FoundLock, LockKind};
 
 /// A lock that does not fit QEMU's protocol.
@@ -46,6 +47,13 @@ pub struct ImageStatus {
     pub presets: Vec<(&'static str, Verdict)>,
     /// The lock commands probed with; `None` when this host has no usable byte-range locks.
     pub lock_kind: Option<LockKind>,
+    /// Who sees locks on the image's filesystem (by its type and mount options; see
+    /// [`crate::Storage`] for the probed answer).
+    pub lock_scope: LockScope,
+    /// True when the filesystem's locks are cluster-wide and some held byte is explained by
+    /// no process on this host (none holds it, none has the image open): another client of
+    /// the filesystem holds it.
+    pub held_elsewhere: bool,
 }
 
 impl ImageStatus {
@@ -77,26 +85,33 @@ impl ImageStatus {
 pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
     let probe_opts = LockOptions::default().with_locking(Locking::On);
     let mut keys = HashMap::new();
-    let mut out: Vec<Result<(ImageStatus, Vec<Option<u32>>)>> = paths
+    let mut mounts: Option<Option<Mounts>> = None;
+    let mut out: Vec<Result<(ImageStatus, Vec<Option<u32>>, FileKey)>> = paths
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let image = ImageLock::open(p.as_ref(), &probe_opts)?;
-            let (status, posix_pids) = probe(&image)?;
+            let (mut status, posix_pids) = probe(&image)?;
+            let mounts = mounts.get_or_insert_with(Mounts::read).as_ref();
+            status.lock_scope = storage::scope_of_open(image.file(), image.file_key(), mounts);
             if !status.others.held.is_empty() || !status.foreign.is_empty() {
                 keys.insert(image.file_key(), i);
             }
-            Ok((status, posix_pids))
+            Ok((status, posix_pids, image.file_key()))
         })
         .collect();
     let mut found = proc::scan_proc(&keys, None);
     for (i, entry) in out.iter_mut().enumerate() {
-        if let Ok((status, posix_pids)) = entry {
+        if let Ok((status, posix_pids, key)) = entry {
             status.holders = found.remove(&i).unwrap_or_default();
             finish(status, posix_pids);
+            // Rare (a cluster filesystem with bytes nobody visible holds): worth a second look.
+            status.held_elsewhere = status.lock_scope == LockScope::Cluster
+                && status.unidentified
+                && !storage::opened_here(*key, None);
         }
     }
-    out.into_iter().map(|r| r.map(|(s, _)| s)).collect()
+    out.into_iter().map(|r| r.map(|(s, _, _)| s)).collect()
 }
 
 /// Probes the protocol bytes and the ranges around them from a fresh description.
@@ -109,6 +124,8 @@ fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {
         foreign: Vec::new(),
         presets: Vec::new(),
         lock_kind: image.lock_kind(),
+        lock_scope: LockScope::Unknown,
+        held_elsewhere: false,
     };
     let Some(kind) = image.lock_kind() else { return Ok((status, Vec::new())) };
     let fd = image.file().as_fd();

@@ -6,6 +6,7 @@
 //! qlock run IMAGE... --access PRESET -- CMD hold the locks while CMD runs (like flock(1))
 //! qlock wait IMAGE --access PRESET          return once the access could be taken
 //! qlock check IMAGE --op NAME [-U]          would `qemu-img NAME IMAGE` get past locking?
+//! qlock doctor IMAGE...                     what the storage can promise: fs, mount, lock scope
 //! ```
 //!
 //! `--chain` (run, check, wait, status) takes or shows each image's whole graph ([`chain`]).
@@ -21,6 +22,7 @@
 
 mod chain;
 mod cli;
+mod doctor;
 mod hold;
 mod images;
 mod run;
@@ -109,6 +111,7 @@ fn try_main(args: cli::Cli) -> Result<Outcome, Failure> {
         },
         cli::Command::Wait(a) => hold::wait(&a)?,
         cli::Command::Run(a) => run::main(&a)?,
+        cli::Command::Doctor(a) => doctor::main(&a, &mut out)?,
     };
     out.flush().map_err(Failure::Output)?;
     Ok(outcome)

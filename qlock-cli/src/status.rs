@@ -55,6 +55,7 @@ pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, F
 pub(crate) fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) -> std::io::Result<()> {
     let mut row = |k: &str, v: &str| writeln!(out, "{k:<14}{v}");
     row("image", &name.display().to_string())?;
+    row("lock scope", s.lock_scope.describe())?;
     if s.lock_kind.is_none() {
         row("locking", "unavailable on this host (no OFD locks): nothing can be seen")?;
     }
@@ -68,7 +69,9 @@ pub(crate) fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) ->
     for h in &s.holders {
         row("holder", &h.to_string())?;
     }
-    if s.unidentified {
+    if s.held_elsewhere {
+        row("holder", "held elsewhere (another client of this filesystem)")?;
+    } else if s.unidentified {
         row("holder", "unknown (another user's process, another host, or a lock the probes saw only)")?;
     }
     for f in &s.foreign {
@@ -132,6 +135,8 @@ pub(crate) fn to_json(s: &ImageStatus, name: &Path) -> Value {
         "unshares": names(held.unshared),
         "holders": s.holders.iter().map(holder_json).collect::<Vec<_>>(),
         "unidentified": s.unidentified,
+        "lock_scope": s.lock_scope.as_str(),
+        "held_elsewhere": s.held_elsewhere,
         "foreign": s.foreign.iter().map(|f| json!({
             "range": range_json(&f.range),
             "pid": f.pid,

@@ -23,7 +23,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::{self, Result, strerror};
+use crate::error::{self, Error, Result, strerror};
 use crate::image::{ImageLock, LockOptions, Locking};
 use crate::proc::{self, FileKey};
 use crate::protocol::ByteRange;
@@ -126,10 +126,17 @@ pub struct Storage {
 
 impl Storage {
     /// Opens `path` read-only (nothing is locked) and reports on its storage, as [`Storage::of`].
+    /// A directory is accepted too: where an image would go.
     ///
     /// # Errors
-    /// The open errors of [`ImageLock::open`].
+    /// The open errors of [`ImageLock::open`] (a directory is not one).
     pub fn probe(path: impl AsRef<Path>) -> Result<Storage> {
+        let path = path.as_ref();
+        if fs::metadata(path).is_ok_and(|md| md.is_dir()) {
+            let dir = fs::File::open(path).map_err(|e| Error::open(path, e))?;
+            let md = dir.metadata().map_err(|e| Error::open(path, e))?;
+            return Ok(report(path, &dir, proc::file_key(&md)));
+        }
         let image = ImageLock::open(path, &LockOptions::default().with_locking(Locking::Off))?;
         Ok(Storage::of(&image))
     }
@@ -149,37 +156,41 @@ impl Storage {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn of(image: &ImageLock) -> Storage {
-        let file = image.file();
-        let magic = magic(file);
-        let mount = Mounts::read().and_then(|m| m.find(own_mnt_id(file.as_raw_fd()), image.file_key()));
-        let filesystem = filesystem_name(mount.as_ref(), magic);
-        let probe = sys::test_write(file, LockKind::Ofd, ByteRange { start: 0, len: 0 });
-        let ofd_error = probe.as_ref().err().map(strerror);
-        let mut lock_scope = match &probe {
-            Err(e) if error::is_unsupported(e) => LockScope::None,
-            _ => scope_of(&filesystem, mount.as_ref().map_or("", |m| m.options.as_str()), magic),
-        };
-        if lock_scope == LockScope::Unknown
-            && probe.is_ok()
-            && is_fuse(&filesystem, magic)
-            && kernel_keeps_locks(file)
-        {
-            lock_scope = LockScope::Host;
-        }
-        let mut storage = Storage {
-            path: image.path().to_path_buf(),
-            filesystem,
-            magic,
-            mount,
-            ofd: probe.is_ok(),
-            ofd_error,
-            lock_scope,
-            hazards: Vec::new(),
-        };
-        storage.hazards = hazards(&storage);
-        storage.hazards.extend(qemu_locking_off(image.path(), image.file_key()));
-        storage
+        report(image.path(), image.file(), image.file_key())
     }
+}
+
+/// The report on `file` (`path` as given, `key` its device and inode).
+fn report(path: &Path, file: &fs::File, key: FileKey) -> Storage {
+    let magic = magic(file);
+    let mount = Mounts::read().and_then(|m| m.find(own_mnt_id(file.as_raw_fd()), key));
+    let filesystem = filesystem_name(mount.as_ref(), magic);
+    let probe = sys::test_write(file, LockKind::Ofd, ByteRange { start: 0, len: 0 });
+    let ofd_error = probe.as_ref().err().map(strerror);
+    let mut lock_scope = match &probe {
+        Err(e) if error::is_unsupported(e) => LockScope::None,
+        _ => scope_of(&filesystem, mount.as_ref().map_or("", |m| m.options.as_str()), magic),
+    };
+    if lock_scope == LockScope::Unknown
+        && probe.is_ok()
+        && is_fuse(&filesystem, magic)
+        && kernel_keeps_locks(file)
+    {
+        lock_scope = LockScope::Host;
+    }
+    let mut storage = Storage {
+        path: path.to_path_buf(),
+        filesystem,
+        magic,
+        mount,
+        ofd: probe.is_ok(),
+        ofd_error,
+        lock_scope,
+        hazards: Vec::new(),
+    };
+    storage.hazards = hazards(&storage);
+    storage.hazards.extend(qemu_locking_off(path, key));
+    storage
 }
 
 // ---- the scope rules (pure) ----

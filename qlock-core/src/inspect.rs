@@ -86,7 +86,7 @@ pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
     let probe_opts = LockOptions::default().with_locking(Locking::On);
     let mut keys = HashMap::new();
     let mut mounts: Option<Option<Mounts>> = None;
-    let mut out: Vec<Result<(ImageStatus, Vec<Option<u32>>, FileKey)>> = paths
+    let mut out: Vec<Result<Probed>> = paths
         .iter()
         .enumerate()
         .map(|(i, p)| {
@@ -113,6 +113,9 @@ pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
     }
     out.into_iter().map(|r| r.map(|(s, _, _)| s)).collect()
 }
+
+/// An image after its probes: its status so far, the pids POSIX probes reported, its file.
+type Probed = (ImageStatus, Vec<Option<u32>>, FileKey);
 
 /// Probes the protocol bytes and the ranges around them from a fresh description.
 fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {

@@ -47,6 +47,21 @@ pub(crate) enum Command {
     /// ended it, 126/127 if it could not be run.
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
+    /// Show what the storage under each image can promise about locks: filesystem and mount,
+    /// whether OFD locks work there (probed on the image, read-only), who sees them (lock
+    /// scope: host, cluster, none, unknown), and the hazards for VM images with what to do.
+    /// Exit 0 when every path could be inspected, 2 otherwise.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DoctorArgs {
+    /// Image files or block devices.
+    #[arg(required = true)]
+    pub(crate) paths: Vec<PathBuf>,
+    /// Print JSON (schema in the README) instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@
 //! qlock run IMAGE... --access PRESET -- CMD hold the locks while CMD runs (like flock(1))
 //! qlock wait IMAGE --access PRESET          return once the access could be taken
 //! qlock check IMAGE --op NAME [-U]          would `qemu-img NAME IMAGE` get past locking?
+//! qlock doctor IMAGE...                     what the storage can promise: fs, mount, lock scope
 //! ```
 //!
 //! `--strict` (check, wait, run) also refuses an unlocked writer ([`strict`]).
@@ -23,6 +24,7 @@
 
 mod chain;
 mod cli;
+mod doctor;
 mod hold;
 mod images;
 mod run;
@@ -112,6 +114,7 @@ fn try_main(args: cli::Cli) -> Result<Outcome, Failure> {
         },
         cli::Command::Wait(a) => hold::wait(&a)?,
         cli::Command::Run(a) => run::main(&a)?,
+        cli::Command::Doctor(a) => doctor::main(&a, &mut out)?,
     };
     out.flush().map_err(Failure::Output)?;
     Ok(outcome)

@@ -67,6 +67,7 @@ pub(crate) fn print_json(out: &mut impl Write, images: Vec<Value>) -> Result<(),
 pub(crate) fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) -> std::io::Result<()> {
     let mut row = |k: &str, v: &str| writeln!(out, "{k:<14}{v}");
     row("image", &name.display().to_string())?;
+    row("lock scope", s.lock_scope.describe())?;
     if s.lock_kind.is_none() {
         row("locking", "unavailable on this host (no OFD locks): nothing can be seen")?;
     }
@@ -80,7 +81,9 @@ pub(crate) fn print_table(out: &mut impl Write, s: &ImageStatus, name: &Path) ->
     for h in &s.holders {
         row("holder", &h.to_string())?;
     }
-    if s.unidentified {
+    if s.held_elsewhere {
+        row("holder", "held elsewhere (another client of this filesystem)")?;
+    } else if s.unidentified {
         row("holder", "unknown (another user's process, another host, or a lock the probes saw only)")?;
     }
     for o in &s.openers {
@@ -185,6 +188,8 @@ pub(crate) fn to_json(s: &ImageStatus, name: &Path) -> Value {
         "unidentified": s.unidentified,
         "openers": s.openers.iter().map(opener_json).collect::<Vec<_>>(),
         "unreadable_processes": s.unreadable_processes,
+        "lock_scope": s.lock_scope.as_str(),
+        "held_elsewhere": s.held_elsewhere,
         "foreign": s.foreign.iter().map(|f| json!({
             "range": range_json(&f.range),
             "pid": f.pid,

@@ -16,6 +16,7 @@ use crate::opener::{self, Clock, Opener};
 use crate::perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 use crate::proc::{self, HeldRange, Holder};
 use crate::protocol::{ByteRange, LockSet, Others, Verdict, decide};
+use crate::storage::{self, LockScope, Mounts};
 use crate::sys::{self, FoundLock, LockKind};
 
 /// A lock that does not fit QEMU's protocol.
@@ -54,6 +55,13 @@ pub struct ImageStatus {
     pub presets: Vec<(&'static str, Verdict)>,
     /// The lock commands probed with; `None` when this host has no usable byte-range locks.
     pub lock_kind: Option<LockKind>,
+    /// Who sees locks on the image's filesystem (by its type and mount options; see
+    /// [`crate::Storage`] for the probed answer).
+    pub lock_scope: LockScope,
+    /// True when the filesystem's locks are cluster-wide and some held byte is explained by
+    /// no process on this host (none holds it, none has the image open): another client of
+    /// the filesystem holds it.
+    pub held_elsewhere: bool,
 }
 
 impl ImageStatus {
@@ -86,12 +94,15 @@ impl ImageStatus {
 pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
     let probe_opts = LockOptions::default().with_locking(Locking::On);
     let mut keys = HashMap::new();
-    let mut out: Vec<Result<(ImageStatus, Vec<Option<u32>>)>> = paths
+    let mut mounts: Option<Option<Mounts>> = None;
+    let mut out: Vec<Result<Probed>> = paths
         .iter()
         .enumerate()
         .map(|(i, p)| {
             let image = ImageLock::open(p.as_ref(), &probe_opts)?;
-            let (status, posix_pids) = probe(&image)?;
+            let (mut status, posix_pids) = probe(&image)?;
+            let mounts = mounts.get_or_insert_with(Mounts::read).as_ref();
+            status.lock_scope = storage::scope_of_open(image.file(), image.file_key(), mounts);
             // Every image, locked or not: an unlocked opener is what the walk is also for.
             keys.insert(image.file_key(), i);
             Ok((status, posix_pids))
@@ -107,10 +118,18 @@ pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
             status.unreadable_processes = walk.unreadable;
             status.holders = found.holders;
             finish(status, posix_pids);
+            // On a cluster filesystem, bytes the probes see that no process here holds, on an
+            // image no process here has open (as far as the same walk sees), are another
+            // client's.
+            status.held_elsewhere =
+                status.lock_scope == LockScope::Cluster && status.unidentified && status.openers.is_empty();
         }
     }
     out.into_iter().map(|r| r.map(|(s, _)| s)).collect()
 }
+
+/// An image after its probes: its status so far, and the pids POSIX probes reported.
+type Probed = (ImageStatus, Vec<Option<u32>>);
 
 /// Probes the protocol bytes and the ranges around them from a fresh description.
 fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {
@@ -124,6 +143,8 @@ fn probe(image: &ImageLock) -> Result<(ImageStatus, Vec<Option<u32>>)> {
         foreign: Vec::new(),
         presets: Vec::new(),
         lock_kind: image.lock_kind(),
+        lock_scope: LockScope::Unknown,
+        held_elsewhere: false,
     };
     let Some(kind) = image.lock_kind() else { return Ok((status, Vec::new())) };
     let fd = image.file().as_fd();

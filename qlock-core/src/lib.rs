@@ -31,10 +31,11 @@
 //!
 //! Modules, bottom up, in the order data flows: `perm` (bits and bytes), `access` (requests
 //! and presets), `protocol` (byte sets, plans and verdicts, behind [`plan`]), `sys` (the fcntl
-//! calls), `proc` (the one `/proc` walk that names holders and openers: a leaf), `error`, `wait` (backoff) and
-//! `wake` (the inotify hint that ends a wait's sleep early), `image` (the guard), `opener`
-//! (what each process with an image open is), `inspect` (status from outside: probes and one
-//! `/proc` walk for holders and openers together), [`graph`]. The async guard, generic over a runtime, is the
+//! calls), `proc` (the one `/proc` walk that names holders and openers: a leaf), `error`, `wait`
+//! (backoff) and `wake` (the inotify hint that ends a wait's sleep early), `image` (the guard),
+//! `opener` (what each process with an image open is), `storage` (what the filesystem under an
+//! image can promise: [`Storage`], [`LockScope`]), `inspect` (status from outside: probes and
+//! one `/proc` walk for holders and openers together), [`graph`]. The async guard, generic over a runtime, is the
 //! `qlock-async` crate's: the sync core ends at the wake hint ([`CloseWatch`]).
 #![forbid(unsafe_code)]
 
@@ -49,6 +50,7 @@ pub mod plan;
 mod posix;
 mod proc;
 mod protocol;
+mod storage;
 mod sys;
 mod wait;
 mod wake;
@@ -61,6 +63,7 @@ pub use opener::{Label, OpenMode, Opener};
 pub use perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 pub use proc::{HeldRange, Holder};
 pub use protocol::{ByteRange, Check, LockSet, Others, Runs, Verdict};
+pub use storage::{Hazard, LockScope, Mount, Storage};
 #[cfg(any(test, feature = "test-hooks"))]
 pub use sys::fcntl_calls;
 pub use sys::{LockKind, is_local_fs};

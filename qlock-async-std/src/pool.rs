@@ -3,19 +3,26 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use async_lock::Semaphore;
 use qlock_core::Error;
 
-/// Runs `f` on the `blocking` crate's pool. `f` owns what it opens: if the caller's future is
-/// dropped, a started `f` still finishes and its result is dropped on the pool thread; an
-/// unstarted one never runs.
+/// At most this many closures of this crate run on the pool at once (see
+/// [`qlock_async::POOL_LIMIT`]); the others wait for a permit as tasks, holding no thread.
+static PERMITS: Semaphore = Semaphore::new(qlock_async::POOL_LIMIT);
+
+/// Runs `f` on the `blocking` crate's pool, once one of the [`PERMITS`] is free. `f` owns what
+/// it opens: if the caller's future is dropped, a started `f` still finishes and its result is
+/// dropped on the pool thread; an unstarted one (or one still waiting for a permit) never runs.
 pub(crate) async fn asyncify<T, F>(f: F) -> Result<T, Error>
 where
     F: FnOnce() -> Result<T, Error> + Send + 'static,
     T: Send + 'static,
 {
     let flight = Flight::start();
+    let permit = PERMITS.acquire().await;
     blocking::unblock(move || {
         let r = f();
+        drop(permit);
         drop(flight);
         r
     })

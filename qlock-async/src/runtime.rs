@@ -3,8 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use qlock_core::SharedCloseWatch;
 use qlock_core::Error;
+use qlock_core::SharedCloseWatch;
 
 /// What an async runtime supplies to [`AsyncImageLock`](crate::AsyncImageLock): a blocking
 /// pool, and a sleep that a close of the image can cut short. Implemented on a marker type by

@@ -150,6 +150,7 @@ fn fairness(dir: &Path) {
     let (max, min) = totals.iter().fold((0f64, f64::MAX), |(a, b), &t| (a.max(t), b.min(t)));
     println!("total wait per process: max/min {:.2}x ({max:.1} / {min:.1} ms)", max / min);
     println!("wait per round: p50 {:.2} ms, p99 {:.2} ms, over {} rounds", q(0.5), q(0.99), all.len());
-    let class = |a: &str| -> f64 { results.iter().zip(&totals).filter(|((x, _), _)| *x == a).map(|(_, t)| t).sum() };
+    let class =
+        |a: &str| -> f64 { results.iter().zip(&totals).filter(|((x, _), _)| *x == a).map(|(_, t)| t).sum() };
     println!("writers' total wait / readers': {:.2}x", class("write") / class("read"));
 }

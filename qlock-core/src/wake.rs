@@ -309,13 +309,15 @@ mod tests {
             })
             .collect();
         let holders: Vec<_> = paths.iter().map(|p| ImageLock::acquire(p, Access::WRITE).unwrap()).collect();
-        let watches: Vec<_> = paths.iter().flat_map(|p| [p, p]).map(|p| SharedCloseWatch::new(p).unwrap()).collect();
+        let watches: Vec<_> =
+            paths.iter().flat_map(|p| [p, p]).map(|p| SharedCloseWatch::new(p).unwrap()).collect();
         let mut cx = Context::from_waker(Waker::noop());
         assert!(watches.iter().all(|w| std::pin::pin!(w.closed()).poll(&mut cx).is_pending()));
         drop(holders);
         assert!(watches.iter().all(reported));
         // Dropping one waiter of an image keeps the other's watch alive.
-        let (first, second) = (SharedCloseWatch::new(&paths[0]).unwrap(), SharedCloseWatch::new(&paths[0]).unwrap());
+        let (first, second) =
+            (SharedCloseWatch::new(&paths[0]).unwrap(), SharedCloseWatch::new(&paths[0]).unwrap());
         drop(first);
         drop(std::fs::File::open(&paths[0]).unwrap());
         assert!(reported(&second));
@@ -323,7 +325,10 @@ mod tests {
 
     #[test]
     fn a_missing_image_is_an_error_not_a_panic() {
-        assert_eq!(SharedCloseWatch::new("/nonexistent/qlock/img").unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            SharedCloseWatch::new("/nonexistent/qlock/img").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
         let err = CloseWatch::new("/nonexistent/qlock/img").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }

@@ -46,8 +46,8 @@
 //! [`ImageLock::acquire_wait`] and [`ImageLock::wait_for`] poll with the core's jittered
 //! exponential [`Backoff`](qlock_core::Backoff) through the core's one waiting loop,
 //! [`qlock_core::retry`], sleeping on [`async_io::Timer`]s. While they sleep they also
-//! watch the image with inotify ([`qlock_core::CloseWatch`], registered with the reactor
-//! as an [`async_io::Async`]): when some process closes the image, which is when QEMU's locks
+//! watch the image with inotify ([`qlock_core::SharedCloseWatch`]: one watch per image on one
+//! process-wide inotify instance): when some process closes the image, which is when QEMU's locks
 //! go away, they retry at once. Polling stays the fallback for holders that drop locks without
 //! closing and for closes inotify cannot see (other hosts).
 //!

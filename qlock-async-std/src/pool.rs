@@ -3,23 +3,31 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use qlock_async::Batch;
 use qlock_core::Error;
 
-/// Runs `f` on the `blocking` crate's pool. `f` owns what it opens: if the caller's future is
-/// dropped, a started `f` still finishes and its result is dropped on the pool thread; an
-/// unstarted one never runs.
+/// This crate's queue of closures for the pool, drained by at most
+/// [`qlock_async::POOL_LIMIT`] pool tasks (see [`Batch`]).
+static BATCH: Batch = Batch::new(qlock_async::POOL_LIMIT);
+
+/// Runs `f` on the `blocking` crate's pool, through [`BATCH`]. `f` owns what it opens: if the
+/// caller's future is dropped, a started `f` still finishes and its result is dropped on the
+/// pool thread; an unstarted one never runs.
 pub(crate) async fn asyncify<T, F>(f: F) -> Result<T, Error>
 where
     F: FnOnce() -> Result<T, Error> + Send + 'static,
     T: Send + 'static,
 {
     let flight = Flight::start();
-    blocking::unblock(move || {
-        let r = f();
-        drop(flight);
-        r
-    })
-    .await
+    let reply = BATCH.run(
+        |task| blocking::unblock(task).detach(),
+        move || {
+            let r = f();
+            drop(flight);
+            r
+        },
+    );
+    reply.await.unwrap_or_else(|| Err(Error::Pool { message: "a pool closure panicked".into() }))
 }
 
 /// Drops `value` on the pool, without waiting.

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use qlock_core::CloseWatch;
+use qlock_core::SharedCloseWatch;
 use qlock_core::is_local_fs;
 use qlock_core::{Access, Error, LockOptions, LockSet};
 use qlock_core::{Backoff, Retry, retry};
@@ -67,7 +67,7 @@ impl<R: Runtime> AsyncImageLock<R> {
 
     /// Opens `path` and waits for `access`, polling with `backoff` until its timeout through
     /// the core's one waiting loop ([`retry`]), and retrying at once when the image is closed
-    /// by anyone ([`CloseWatch`]).
+    /// by anyone ([`SharedCloseWatch`]).
     ///
     /// The open and the first attempt share one pool round trip; on a local filesystem the
     /// retries then run inline. A wait that times out crosses once more, at the end, to name
@@ -222,8 +222,8 @@ impl<R: Runtime> AsyncImageLock<R> {
 
     /// Watches `path` for closes. Cheap (two syscalls), but a path lookup: call it where
     /// lookups may run.
-    fn watch(path: &Path) -> Option<CloseWatch> {
-        CloseWatch::new(path).ok()
+    fn watch(path: &Path) -> Option<SharedCloseWatch> {
+        SharedCloseWatch::new(path).ok()
     }
 
     /// The waiting loop proper: the core's [`retry`], attempting inline or in the pool.
@@ -254,7 +254,7 @@ impl<R: Runtime> AsyncImageLock<R> {
     /// what the walk needs ([`qlock_core::HolderLookup`]); the descriptor stays with the guard,
     /// so dropping this future loses nothing. `watch`, the inotify watch of a finished wait, is
     /// closed in the same closure.
-    async fn name_holders(&mut self, err: Error, watch: Option<CloseWatch>) -> Error {
+    async fn name_holders(&mut self, err: Error, watch: Option<SharedCloseWatch>) -> Error {
         let lookup = self.home.get().map(|l| l.holder_lookup());
         let Some(lookup) = lookup.filter(|_| self.find_holders && err.conflict().is_some()) else {
             if let Some(watch) = watch {

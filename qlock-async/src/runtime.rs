@@ -3,8 +3,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use qlock_core::CloseWatch;
 use qlock_core::Error;
+use qlock_core::SharedCloseWatch;
 
 /// What an async runtime supplies to [`AsyncImageLock`](crate::AsyncImageLock): a blocking
 /// pool, and a sleep that a close of the image can cut short. Implemented on a marker type by
@@ -14,12 +14,12 @@ use qlock_core::Error;
 /// that).
 ///
 /// There is no switch for the close hint here: a benchmark that measures waits without it
-/// wraps a runtime in its own marker type whose [`Runtime::register`] drops the watch (in the
-/// pool) and registers nothing, so the release surface carries no knob meant for benchmarks.
+/// wraps a runtime in its own marker type whose [`Runtime::register`] drops the watch and
+/// registers nothing, so the release surface carries no knob meant for benchmarks.
 pub trait Runtime: Send + Sync + 'static {
-    /// A [`CloseWatch`] registered with the runtime's reactor, or nothing (the wait then only
-    /// polls). Dropping it must not block the executor: closing an inotify descriptor waits
-    /// for a kernel grace period of about 10 ms.
+    /// A [`SharedCloseWatch`] (a watch on the process-wide inotify instance, woken by its own
+    /// reader thread, so no reactor registration is needed) next to the runtime's timer, or
+    /// nothing (the wait then only polls).
     type Hint: Send + Sync;
 
     /// Runs `f` on the blocking pool. `f` owns what it works on: if the returned future is
@@ -33,12 +33,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// Drops `value` on the blocking pool without waiting (inline where there is no pool).
     fn drop_in_pool<T: Send + 'static>(value: T);
 
-    /// Registers `watch` with the reactor; called from within the runtime.
-    fn register(watch: Option<CloseWatch>) -> Self::Hint;
+    /// Makes the hint of a wait from its watch; called from within the runtime.
+    fn register(watch: Option<SharedCloseWatch>) -> Self::Hint;
 
-    /// Takes a registered watch back out of the reactor, so the guard can close it in a pool
-    /// closure it makes anyway (naming the holders of a failed wait) instead of a hop of its own.
-    fn unregister(hint: Self::Hint) -> Option<CloseWatch>;
+    /// Takes the watch back out of a hint, so the guard can drop it in a pool closure it makes
+    /// anyway (naming the holders of a failed wait).
+    fn unregister(hint: Self::Hint) -> Option<SharedCloseWatch>;
 
     /// Sleeps for `delay`, or less if `hint` sees the image closed meanwhile.
     fn sleep(hint: &Self::Hint, delay: Duration) -> impl Future<Output = ()> + Send;
@@ -71,11 +71,11 @@ macro_rules! runtime_from_parts {
                 $($pool)::+::drop_in_pool(value);
             }
 
-            fn register(watch: Option<::qlock_core::CloseWatch>) -> $hint {
+            fn register(watch: Option<::qlock_core::SharedCloseWatch>) -> $hint {
                 <$hint>::register(watch)
             }
 
-            fn unregister(hint: $hint) -> Option<::qlock_core::CloseWatch> {
+            fn unregister(hint: $hint) -> Option<::qlock_core::SharedCloseWatch> {
                 hint.into_watch()
             }
 

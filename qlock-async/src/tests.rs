@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use qlock_core::CloseWatch;
+use qlock_core::SharedCloseWatch;
 use qlock_core::{Access, Backoff, Error, LockOptions, LockSet, Perm};
 
 use crate::{AsyncImageLock, Runtime, inspect};
@@ -25,7 +25,7 @@ static DROPS: AtomicUsize = AtomicUsize::new(0);
 enum Inline {}
 
 impl Runtime for Inline {
-    type Hint = Option<CloseWatch>;
+    type Hint = Option<SharedCloseWatch>;
     async fn asyncify<T, F>(f: F) -> Result<T, Error>
     where
         F: FnOnce() -> Result<T, Error> + Send + 'static,
@@ -38,13 +38,13 @@ impl Runtime for Inline {
         DROPS.fetch_add(1, Ordering::SeqCst);
         drop(value);
     }
-    fn register(watch: Option<CloseWatch>) -> Option<CloseWatch> {
+    fn register(watch: Option<SharedCloseWatch>) -> Option<SharedCloseWatch> {
         watch
     }
-    fn unregister(hint: Option<CloseWatch>) -> Option<CloseWatch> {
+    fn unregister(hint: Option<SharedCloseWatch>) -> Option<SharedCloseWatch> {
         hint
     }
-    async fn sleep(_: &Option<CloseWatch>, _: Duration) {
+    async fn sleep(_: &Option<SharedCloseWatch>, _: Duration) {
         let mut yielded = false;
         std::future::poll_fn(|_| {
             if std::mem::replace(&mut yielded, true) { Poll::Ready(()) } else { Poll::Pending }
@@ -81,8 +81,8 @@ impl Runtime for Pool {
     fn drop_in_pool<T: Send + 'static>(value: T) {
         blocking::unblock(move || drop(value)).detach();
     }
-    fn register(_: Option<CloseWatch>) {}
-    fn unregister(_: ()) -> Option<CloseWatch> {
+    fn register(_: Option<SharedCloseWatch>) {}
+    fn unregister(_: ()) -> Option<SharedCloseWatch> {
         None
     }
     async fn sleep(_: &(), d: Duration) {

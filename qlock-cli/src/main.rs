@@ -56,15 +56,19 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_ERROR));
         }
     };
-    tracing_subscriber::fmt()
-        .with_writer(io::stderr)
-        .with_target(false)
-        .without_time()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QLOCK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    let log = tracing_subscriber::fmt().with_writer(io::stderr).with_target(false).without_time();
+    // An env filter is parsed (its directives can hold regexes) only when asked for: a plain
+    // level is the same filter for the default, and `qlock check` pays for process start-up
+    // alone (see benches/cli.rs).
+    match std::env::var_os("QLOCK_LOG") {
+        Some(_) => log
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("QLOCK_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .init(),
+        None => log.with_max_level(tracing::Level::WARN).init(),
+    }
     exit(try_main(args))
 }
 

@@ -68,4 +68,4 @@ pub use storage::{Hazard, LockScope, Mount, Storage};
 pub use sys::fcntl_calls;
 pub use sys::{LockKind, is_local_fs};
 pub use wait::{Backoff, Delays, Retry, retry, retry_blocking};
-pub use wake::{CloseWatch, sleep_or_close};
+pub use wake::{CloseWatch, Closed, SharedCloseWatch, sleep_or_close};

@@ -3,7 +3,10 @@
 //! 1. acquire + release: async vs (sync + one bare `spawn_blocking`), goal <= 1.15x.
 //! 2. access change and a failing retry on an open guard (local fs): async vs sync, goal <= 1.5x.
 //! 3. release-to-acquire latency when a holder process exits, with and without the inotify hint.
-//! 4. 10,000 concurrent acquisitions on 10,000 images: wall time, peak threads, ticker lag.
+//! 4. 1,000 concurrent waiters on 1,000 images, each released by its holder process exiting:
+//!    p99 release-to-acquire, goal <= 20 ms (one shared inotify instance wakes them all).
+//! 5. 10,000 concurrent acquire + release on 10,000 images against the same 10,000 done one
+//!    after another by the sync core: goal <= 1.5x, with at most 64 blocking threads at the peak.
 
 use std::future::Future;
 use std::io::{BufRead, Write};
@@ -31,6 +34,7 @@ fn main() {
     }
 
     latency(&rt, dir.path());
+    waiters(&rt, dir.path());
     drop(rt);
     many(dir.path());
 }
@@ -49,9 +53,9 @@ fn image(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// Mean time per call of `f`, best of 5 rounds of `n`.
-fn per_call(n: u32, mut f: impl FnMut()) -> Duration {
-    (0..5)
+/// Mean time per call of `f`, best of `rounds` rounds of `n`.
+fn per_call(n: u32, rounds: u32, mut f: impl FnMut()) -> Duration {
+    (0..rounds)
         .map(|_| {
             let t = Instant::now();
             (0..n).for_each(|_| f());
@@ -72,19 +76,36 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 fn overhead(rt: &tokio::runtime::Runtime, dir: &Path) {
     let path = image(dir, "overhead.img");
     let n = 2000;
-    let sync =
-        per_call(n, || qlock_core::ImageLock::acquire(&path, Access::WRITE).unwrap().release().unwrap());
-    let hop = per_call(n, || rt.block_on(async { tokio::task::spawn_blocking(|| ()).await.unwrap() }));
-    let asynk = per_call(n, || {
-        rt.block_on(async {
-            qlock_tokio::ImageLock::acquire(&path, Access::WRITE).await.unwrap().release().await.unwrap()
-        })
-    });
-    println!("== acquire(write) + release, {n} x best of 5");
+    // Rounds interleave the three variants, so load from elsewhere on the machine hits them alike.
+    let mut best = [Duration::MAX; 3];
+    for _ in 0..7 {
+        let round = [
+            per_call(n, 1, || {
+                qlock_core::ImageLock::acquire(&path, Access::WRITE).unwrap().release().unwrap()
+            }),
+            per_call(n, 1, || rt.block_on(async { tokio::task::spawn_blocking(|| ()).await.unwrap() })),
+            per_call(n, 1, || {
+                rt.block_on(async {
+                    qlock_tokio::ImageLock::acquire(&path, Access::WRITE)
+                        .await
+                        .unwrap()
+                        .release()
+                        .await
+                        .unwrap()
+                })
+            }),
+        ];
+        best = std::array::from_fn(|i| best[i].min(round[i]));
+    }
+    let [sync, hop, asynk] = best;
+    println!("== acquire(write) + release, {n} x best of 7 interleaved rounds");
     println!("sync core                 {}", us(sync));
     println!("bare spawn_blocking       {}", us(hop));
     println!("qlock-tokio               {}", us(asynk));
-    println!("ratio acquire+release async / (sync + 1 hop): {:.3}x (goal <= 1.15)", ratio(asynk, sync + hop));
+    println!(
+        "ratio tokio async acquire+release vs sync + 1 hop: {:.3}x (goal <= 1.15)",
+        ratio(asynk, sync + hop)
+    );
 }
 
 fn guard_ops(rt: &tokio::runtime::Runtime, dir: &Path) {
@@ -92,7 +113,7 @@ fn guard_ops(rt: &tokio::runtime::Runtime, dir: &Path) {
     let n = 20_000;
     let mut sync = qlock_core::ImageLock::acquire(&path, Access::FORCE_SHARE).unwrap();
     let mut flip = false;
-    let sync_change = per_call(n, || {
+    let sync_change = per_call(n, 5, || {
         flip = !flip;
         sync.set_access(if flip { Access::WRITE } else { Access::READ }).unwrap();
     });
@@ -117,7 +138,7 @@ fn guard_ops(rt: &tokio::runtime::Runtime, dir: &Path) {
     // A failing retry: someone else writes, we ask for write.
     let _other = qlock_core::ImageLock::acquire(&path, Access::WRITE_SHARED).unwrap();
     let mut sync = qlock_core::ImageLock::acquire_with(&path, Access::FORCE_SHARE, &quiet).unwrap();
-    let sync_retry = per_call(n, || assert!(sync.set_access(Access::WRITE).is_err()));
+    let sync_retry = per_call(n, 5, || assert!(sync.set_access(Access::WRITE).is_err()));
     let async_retry = rt.block_on(async {
         let mut best = Duration::MAX;
         for _ in 0..5 {
@@ -220,10 +241,10 @@ fn many(dir: &Path) {
     const N: usize = 10_000;
     let images: Vec<PathBuf> = (0..N).map(|i| image(dir, &format!("m{i}.img"))).collect();
     let t = Instant::now();
-    let sync: Vec<_> =
-        images.iter().map(|p| qlock_core::ImageLock::acquire(p, Access::WRITE).unwrap()).collect();
+    for p in &images {
+        qlock_core::ImageLock::acquire(p, Access::WRITE).unwrap().release().unwrap();
+    }
     let sync_wall = t.elapsed();
-    drop(sync);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let before = threads();
     let (worst_idle, _, ()) = rt.block_on(with_ticker(async {}));
@@ -234,36 +255,66 @@ fn many(dir: &Path) {
             .map(|i| {
                 let images = images.clone();
                 tokio::spawn(async move {
-                    qlock_tokio::ImageLock::acquire(&images[i], Access::WRITE).await.unwrap()
+                    let guard = qlock_tokio::ImageLock::acquire(&images[i], Access::WRITE).await.unwrap();
+                    guard.release().await.unwrap();
                 })
             })
             .collect();
-        let mut guards = Vec::with_capacity(N);
         for task in tasks {
-            guards.push(task.await.unwrap());
+            task.await.unwrap();
         }
-        let wall = t.elapsed();
-        drop(guards);
-        wall
+        t.elapsed()
     }));
-    println!("== {N} concurrent acquisitions on {N} images (2 workers)");
+    let blocking = peak.saturating_sub(before);
+    println!("== {N} concurrent acquire+release on {N} images (2 workers)");
     println!("sync core, sequential   {:.1} ms", sync_wall.as_secs_f64() * 1e3);
-    println!(
-        "qlock-tokio, concurrent {:.1} ms  (ratio {:.2})",
-        wall.as_secs_f64() * 1e3,
-        ratio(wall, sync_wall)
-    );
-    println!(
-        "peak threads            {} blocking (process threads {} -> {})",
-        peak.saturating_sub(before),
-        before,
-        peak
-    );
+    println!("qlock-tokio, concurrent {:.1} ms", wall.as_secs_f64() * 1e3);
+    println!("ratio tokio 10k concurrent vs sync sequential: {:.2}x (goal <= 1.5)", ratio(wall, sync_wall));
+    println!("goal tokio 10k peak blocking threads: {blocking} threads (goal <= 64)");
+    println!("  (process threads {before} -> {peak} at the peak)");
     println!(
         "1 ms ticker worst lag   {:.2} ms under load, {:.2} ms idle",
         worst.as_secs_f64() * 1e3,
         worst_idle.as_secs_f64() * 1e3
     );
+}
+
+/// 1,000 waiters on 1,000 images held by 1,000 processes; the holders exit one at a time and
+/// each waiter's release-to-acquire time is taken from the moment its holder was told to go.
+fn waiters(rt: &tokio::runtime::Runtime, dir: &Path) {
+    const N: usize = 1000;
+    let paths: Vec<PathBuf> = (0..N).map(|i| image(dir, &format!("w{i}.img"))).collect();
+    let mut holders: Vec<Child> = paths.iter().map(|p| holder(p)).collect();
+    let policy = Backoff::default();
+    let lat = rt.block_on(async {
+        let tasks: Vec<_> =
+            paths.iter().map(|p| tokio::spawn(acquired_at::<Tokio>(p.clone(), policy.clone()))).collect();
+        // Every waiter is past its first attempt and sleeping (the longest first sleep is 3 ms).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut released = Vec::with_capacity(N);
+        for h in &mut holders {
+            released.push(Instant::now());
+            drop(h.stdin.take()); // this holder exits, closing its image
+            // Pace the exits, so the measure is the wake-up and not a storm of exits.
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let mut lat = Vec::with_capacity(N);
+        for (task, t0) in tasks.into_iter().zip(released) {
+            let (t1, guard) = task.await.unwrap();
+            lat.push(t1.saturating_duration_since(t0));
+            drop(guard);
+        }
+        lat
+    });
+    for h in &mut holders {
+        h.wait().unwrap();
+    }
+    let mut lat = lat;
+    lat.sort();
+    let ms = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    println!("== {N} concurrent waiters on {N} images, each released by its holder exiting");
+    println!("release-to-acquire p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms", ms(0.5), ms(0.99), ms(1.0));
+    println!("goal waiters woken by the hint (1000): {:.3} ms (goal <= 20)", ms(0.99));
 }
 
 /// Runs `work` next to a 1 ms ticker task; returns the ticker's worst lag, peak process threads

@@ -41,11 +41,12 @@
 //! [`ImageLock::acquire_wait`] and [`ImageLock::wait_for`] poll with the core's jittered
 //! exponential [`Backoff`](qlock_core::Backoff) through the core's one waiting loop,
 //! [`qlock_core::retry`], sleeping on tokio timers. While they sleep they also watch the
-//! image with inotify ([`qlock_core::CloseWatch`], registered with tokio's reactor via
-//! [`tokio::io::unix::AsyncFd`]): when some process closes the image, which is when QEMU's
+//! image with inotify ([`qlock_core::SharedCloseWatch`]: one watch per image on one
+//! process-wide inotify instance, so a thousand waiters are a thousand watches, not a thousand
+//! instances past the per-user limit): when some process closes the image, which is when QEMU's
 //! locks go away, they retry at once. Polling stays the fallback for holders that drop locks
 //! without closing and for closes inotify cannot see (other hosts). The runtime needs its time
-//! and I/O drivers (`Builder::enable_all`).
+//! driver (`Builder::enable_time` or `enable_all`).
 //!
 //! # Cancellation
 //!

@@ -16,6 +16,18 @@
 //! within the run; the comparison is `<=` or `<`. Everything else a bench prints is passed
 //! through, but a line that mentions a goal in any other shape is reported as unparsed, so a
 //! goal cannot silently drop out of the table.
+//!
+//! # A loaded machine
+//!
+//! The table starts and ends with the machine's load average (`/proc/loadavg`), so a reader can
+//! tell a noisy run from a slow change. `--loaded` runs the benches while two busy-loop
+//! processes (`sh -c 'while :; do :; done'`, started after the build and killed at the end)
+//! compete for the cores: the ratios are meant to hold there too, because each compares
+//! variants measured in interleaved rounds of the same run, so the load hits qlock and its
+//! baseline alike. What does not cancel out is scheduling latency: a task woken on a loaded
+//! core waits for the spinner's time slice (up to a few ms with CFS), so absolute latencies
+//! (the `goal ... ms` lines) grow under load, and ratios whose two sides wait for wake-ups a
+//! different number of times (a pool hop against none) pick up that difference.
 
 use std::fmt;
 use std::io::{BufRead, BufReader};
@@ -136,15 +148,43 @@ pub fn table(goals: &[Goal]) -> String {
 /// # Errors
 /// When `cargo bench` fails, or with `strict` when a goal is missed or a goal line does not
 /// parse.
-pub fn run(extra: &[String], strict: bool) -> Result<(), String> {
+pub fn run(extra: &[String], strict: bool, loaded: bool) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut child = Command::new(cargo)
-        .args(["bench", "--workspace", "--bench", "*"])
-        .args(extra)
-        .current_dir(crate::workspace_root())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cargo bench: {e}"))?;
+    let bench = || {
+        let mut c = Command::new(&cargo);
+        c.args(["bench", "--workspace", "--bench", "*"]).args(extra).current_dir(crate::workspace_root());
+        c
+    };
+    let mut spinners = Vec::new();
+    if loaded {
+        // Build first, so the spinners load the benches and not the compiler.
+        let built = bench().arg("--no-run").status().map_err(|e| format!("cargo bench: {e}"))?;
+        if !built.success() {
+            return Err(format!("cargo bench --no-run failed: {built}"));
+        }
+        for _ in 0..2 {
+            let spin = Command::new("sh").args(["-c", "while :; do :; done"]).spawn();
+            spinners.push(spin.map_err(|e| format!("busy loop: {e}"))?);
+        }
+    }
+    let load_start = loadavg();
+    let result = measure(bench(), strict, loaded, &load_start);
+    for mut s in spinners {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    result
+}
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` prints them.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+fn measure(mut bench: Command, strict: bool, loaded: bool, load_start: &str) -> Result<(), String> {
+    let mut child = bench.stdout(Stdio::piped()).spawn().map_err(|e| format!("cargo bench: {e}"))?;
     let mut goals = Vec::new();
     let mut unparsed = Vec::new();
     if let Some(out) = child.stdout.take() {
@@ -158,7 +198,9 @@ pub fn run(extra: &[String], strict: bool) -> Result<(), String> {
         }
     }
     let status = child.wait().map_err(|e| e.to_string())?;
-    println!("\n{}", table(&goals));
+    let spin = if loaded { ", with two busy loops running" } else { "" };
+    println!("\nload average (1 5 15 min): {load_start} at start, {} at end{spin}", loadavg());
+    println!("{}", table(&goals));
     for line in &unparsed {
         println!("UNPARSED goal line (see `cargo doc -p xtask`, module bench): {line}");
     }

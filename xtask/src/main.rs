@@ -24,6 +24,10 @@ enum Task {
         /// Exit 1 when a goal is missed or a goal line does not parse.
         #[arg(long)]
         strict: bool,
+        /// Run the benches while two busy-loop processes keep both cores loaded (started and
+        /// stopped here, after the build).
+        #[arg(long)]
+        loaded: bool,
         /// Passed to `cargo bench`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -93,7 +97,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::Compat(args) => compat_main(&args),
-        Task::Bench { strict, args } => xtask::bench::run(&args, strict),
+        Task::Bench { strict, loaded, args } => xtask::bench::run(&args, strict, loaded),
         Task::Gluster { action } => match action {
             GlusterAction::Up { options } => xtask::gluster::up(&options),
             GlusterAction::Down { ids } => xtask::gluster::down(&ids),

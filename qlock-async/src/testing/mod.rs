@@ -124,14 +124,14 @@ impl<R: crate::Runtime> crate::Runtime for NoHint<R> {
         R::drop_in_pool(value);
     }
 
-    fn register(watch: Option<qlock_core::CloseWatch>) -> Self::Hint {
+    fn register(watch: Option<qlock_core::SharedCloseWatch>) -> Self::Hint {
         if let Some(watch) = watch {
             R::drop_in_pool(watch);
         }
         R::register(None)
     }
 
-    fn unregister(hint: Self::Hint) -> Option<qlock_core::CloseWatch> {
+    fn unregister(hint: Self::Hint) -> Option<qlock_core::SharedCloseWatch> {
         R::unregister(hint)
     }
 

@@ -9,7 +9,7 @@ use qlock_core::{CloseWatch, sleep_or_close};
 
 use crate::cli::HoldArgs;
 use crate::images::Names;
-use crate::{Failure, Outcome, say, sys};
+use crate::{Failure, Outcome, sys};
 
 /// `qlock check`: could the access be taken now (or, with `--timeout`, within that time)?
 /// Leaves nothing locked.
@@ -116,15 +116,6 @@ fn attempt(locks: &mut [ImageLock], access: Access) -> Result<(), (usize, Error)
 
 fn release_all(locks: Vec<ImageLock>) -> Result<(), Error> {
     locks.into_iter().try_for_each(ImageLock::release)
-}
-
-/// Releases every image; an unlock error is reported but changes nothing else.
-pub(crate) fn release_all_quietly(locks: Vec<ImageLock>) {
-    for lock in locks {
-        if let Err(e) = lock.release() {
-            say(&format!("warning: {}", crate::message(&e)));
-        }
-    }
 }
 
 /// The waiting line on a terminal: elapsed time and who holds the image, refreshed about twice

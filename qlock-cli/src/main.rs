@@ -190,3 +190,12 @@ pub(crate) fn print_hint(hint: Option<String>) {
         let _ = writeln!(stderr, "hint: {line}");
     }
 }
+
+/// Releases every image; an unlock error is reported but changes nothing else.
+pub(crate) fn release_all_quietly(locks: Vec<qlock_core::ImageLock>) {
+    for lock in locks {
+        if let Err(e) = lock.release() {
+            say(&format!("warning: {}", message(&e)));
+        }
+    }
+}

@@ -34,7 +34,8 @@ use nix::unistd::Pid;
 use qlock_core::{ImageLock, LockKind};
 
 use crate::cli::RunArgs;
-use crate::hold::{release_all_quietly, take_for};
+use crate::hold::take_for;
+use crate::release_all_quietly;
 use crate::{Failure, Outcome, sys};
 
 /// Signals passed on to the command.

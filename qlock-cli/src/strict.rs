@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use qlock_core::{Backoff, CloseWatch, ImageLock, Opener, inspect, sleep_or_close};
 
 use crate::Failure;
-use crate::hold::release_all_quietly;
+use crate::release_all_quietly;
 
 /// An unlocked writer found on an image.
 struct Unlocked {

@@ -9,7 +9,7 @@
 //! `nolock` NFS mount keeps them on this host only, silently; and a FUSE filesystem may forward
 //! them, fail them, or leave them to the local kernel. [`Storage::of`] finds out which, from
 //! `fstatfs`, the mount's line in `/proc/self/mountinfo`, and an `F_OFD_GETLK` probe on the
-//! image itself; [`crate::inspect`] uses the same rules, without probing, for each image's
+//! image itself; `inspect` uses the same rules, without probing, for each image's
 //! [`LockScope`].
 //!
 //! Beside the filesystem, one thing on this host bypasses every lock: a QEMU started with
@@ -384,7 +384,7 @@ fn own_mnt_id(fd: RawFd) -> Option<u32> {
     info.lines().find_map(|l| l.strip_prefix("mnt_id:")?.trim().parse().ok())
 }
 
-/// The scope of an open image without probing (for [`crate::inspect`]): `mounts` is read once
+/// The scope of an open image without probing (for `inspect`): `mounts` is read once
 /// for all images.
 pub(crate) fn scope_of_open(file: &fs::File, key: FileKey, mounts: Option<&Mounts>) -> LockScope {
     let magic = magic(file);

@@ -24,6 +24,9 @@ const MARKER: &str = ".complete";
 /// Why the tools cannot be had (no apt, no network, no bookworm candidate, a library missing).
 pub fn bookworm(dir: &Path) -> Result<QemuBuild, String> {
     let root = dir.join("root");
+    // Test binaries and xtask may fetch at once: one unpacks, the others wait for its marker
+    // (two at once once left a tree without qemu-system-x86_64 and a marker saying all is well).
+    let _one_at_a_time = lock_beside(dir)?;
     if !dir.join(MARKER).exists() {
         unpack(dir, &root)?;
     }
@@ -41,6 +44,19 @@ pub fn bookworm(dir: &Path) -> Result<QemuBuild, String> {
         build.system = Err(why.trim().to_string());
     }
     Ok(build)
+}
+
+/// An exclusive `flock(2)` on `DIR.lock`, held until the returned value is dropped.
+fn lock_beside(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, String> {
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let path = dir.with_file_name(name);
+    let file = fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("locking {}: {e}", path.display()))
 }
 
 fn unpack(dir: &Path, root: &Path) -> Result<(), String> {

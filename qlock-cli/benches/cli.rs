@@ -3,7 +3,10 @@
 //!
 //! 1. One `qlock check IMAGE --access read` process against one `qemu-img info IMAGE` process
 //!    (what Nova, Cinder, packer and lima pay per query today), on the same qcow2 image, in
-//!    interleaved runs; the medians are compared. Goal <= 0.25x.
+//!    interleaved runs; the medians are compared. Goal <= 0.25x, for the binary as shipped
+//!    (`cargo xtask dist`, static: `QLOCK_DIST_BIN` names it, and `cargo xtask bench` sets
+//!    it); the dynamically linked cargo build is printed beside it. Start-up is most of a
+//!    query: `/bin/true` alone is about 0.2x of `qemu-img info` on the project's VM.
 //! 2. Fairness, reported without a goal: 3 processes taking `read` and 3 taking `write`
 //!    through `qlock run --wait` in a loop on one image, each holding it for 1 ms per round.
 //!    The wait of a round is the time from starting `qlock run` to its command starting (so it
@@ -85,24 +88,44 @@ fn timed(cmd: &mut Command) -> f64 {
     ms
 }
 
+/// The shipped binary (`cargo xtask dist`, which `cargo xtask bench` builds and names here),
+/// static: see xtask's `dist` module.
+const DIST: &str = "QLOCK_DIST_BIN";
+
 fn check_vs_qemu_img(dir: &Path) {
     let image = qcow2(dir, "check.qcow2");
+    let dist = std::env::var_os(DIST).map(PathBuf::from);
+    let mut qlocks = vec![("cargo build (dynamic)", PathBuf::from(QLOCK))];
+    qlocks.extend(dist.map(|d| ("dist build (static)", d)));
     let runs = 41;
-    let (mut q, mut e) = (Vec::new(), Vec::new());
+    // Interleaved: every round runs each binary and qemu-img once, in a rotating order.
+    let mut times = vec![Vec::new(); qlocks.len() + 1];
     for round in 0..runs {
-        for k in 0..2 {
-            if (round + k) % 2 == 0 {
-                q.push(timed(Command::new(QLOCK).arg("check").arg(&image).args(["--access", "read"])));
-            } else {
-                e.push(timed(Command::new("qemu-img").arg("info").arg(&image)));
-            }
+        for k in 0..times.len() {
+            let which = (round + k) % times.len();
+            let t = match qlocks.get(which) {
+                Some((_, bin)) => {
+                    timed(Command::new(bin).arg("check").arg(&image).args(["--access", "read"]))
+                }
+                None => timed(Command::new("qemu-img").arg("info").arg(&image)),
+            };
+            times[which].push(t);
         }
     }
-    let (q, e) = (median(&mut q), median(&mut e));
+    let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+    let qemu_img = medians[qlocks.len()];
     println!("== one process per query, median of {runs} interleaved runs");
-    println!("qlock check --access read  {q:.2} ms");
-    println!("qemu-img info              {e:.2} ms");
-    println!("ratio check vs qemu-img info: {:.2}x (goal <= 0.25)", q / e);
+    for ((label, _), q) in qlocks.iter().zip(&medians) {
+        println!("qlock check --access read, {label:21} {q:.2} ms");
+    }
+    println!("qemu-img info                                      {qemu_img:.2} ms");
+    // The goal holds the binary users are given: the dist build when there is one.
+    let (label, shipped) = (qlocks.len() - 1, medians[qlocks.len() - 1]);
+    if qlocks.len() == 1 {
+        println!("(no {DIST}: measuring the cargo build; `cargo xtask bench` measures the dist build)");
+    }
+    println!("check vs qemu-img info measured on the {}", qlocks[label].0);
+    println!("ratio check vs qemu-img info: {:.2}x (goal <= 0.25)", shipped / qemu_img);
 }
 
 fn fairness(dir: &Path) {

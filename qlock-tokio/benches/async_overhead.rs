@@ -6,7 +6,8 @@
 //! 4. 1,000 concurrent waiters on 1,000 images, each released by its holder process exiting:
 //!    p99 release-to-acquire, goal <= 20 ms (one shared inotify instance wakes them all).
 //! 5. 10,000 concurrent acquire + release on 10,000 images against the same 10,000 done one
-//!    after another by the sync core: goal <= 1.5x, with at most 64 blocking threads at the peak.
+//!    after another by the sync core, best of 3 interleaved rounds: goal <= 1.5x, with at most
+//!    64 blocking threads at the peak.
 
 use std::future::Future;
 use std::io::{BufRead, Write};
@@ -239,34 +240,41 @@ fn threads() -> u64 {
 
 fn many(dir: &Path) {
     const N: usize = 10_000;
-    let images: Vec<PathBuf> = (0..N).map(|i| image(dir, &format!("m{i}.img"))).collect();
-    let t = Instant::now();
-    for p in &images {
-        qlock_core::ImageLock::acquire(p, Access::WRITE).unwrap().release().unwrap();
-    }
-    let sync_wall = t.elapsed();
+    const BEST_OF: u32 = 3;
+    let images = Arc::new((0..N).map(|i| image(dir, &format!("m{i}.img"))).collect::<Vec<PathBuf>>());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let before = threads();
     let (worst_idle, _, ()) = rt.block_on(with_ticker(async {}));
-    let images = Arc::new(images);
-    let (worst, peak, wall) = rt.block_on(with_ticker(async move {
+    // Best of BEST_OF interleaved rounds, as for the other ratios: the first round also pays
+    // for growing the heap to 10,000 tasks, once per process.
+    let (mut sync_wall, mut wall, mut worst, mut peak) = (Duration::MAX, Duration::MAX, Duration::ZERO, 0);
+    for _ in 0..BEST_OF {
         let t = Instant::now();
-        let tasks: Vec<_> = (0..N)
-            .map(|i| {
-                let images = images.clone();
-                tokio::spawn(async move {
-                    let guard = qlock_tokio::ImageLock::acquire(&images[i], Access::WRITE).await.unwrap();
-                    guard.release().await.unwrap();
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap();
+        for p in images.iter() {
+            qlock_core::ImageLock::acquire(p, Access::WRITE).unwrap().release().unwrap();
         }
-        t.elapsed()
-    }));
+        sync_wall = sync_wall.min(t.elapsed());
+        let images = images.clone();
+        let (lag, top, took) = rt.block_on(with_ticker(async move {
+            let t = Instant::now();
+            let tasks: Vec<_> = (0..N)
+                .map(|i| {
+                    let images = images.clone();
+                    tokio::spawn(async move {
+                        let guard = qlock_tokio::ImageLock::acquire(&images[i], Access::WRITE).await.unwrap();
+                        guard.release().await.unwrap();
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+            t.elapsed()
+        }));
+        (wall, worst, peak) = (wall.min(took), worst.max(lag), peak.max(top));
+    }
     let blocking = peak.saturating_sub(before);
-    println!("== {N} concurrent acquire+release on {N} images (2 workers)");
+    println!("== {N} concurrent acquire+release on {N} images (2 workers), best of {BEST_OF}");
     println!("sync core, sequential   {:.1} ms", sync_wall.as_secs_f64() * 1e3);
     println!("qlock-tokio, concurrent {:.1} ms", wall.as_secs_f64() * 1e3);
     println!("ratio tokio 10k concurrent vs sync sequential: {:.2}x (goal <= 1.5)", ratio(wall, sync_wall));

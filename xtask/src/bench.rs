@@ -1,5 +1,6 @@
 //! `cargo xtask bench`: runs the workspace's bench targets (`cargo bench --workspace --bench
-//! '*'`, so no unit test runs in bench mode) and prints one table of every goal.
+//! '*'`, so no unit test runs in bench mode) and prints one table of every goal. It builds the
+//! shipped `qlock` first ([`crate::dist`]) and names it to the benches in `QLOCK_DIST_BIN`.
 //!
 //! # The goal lines
 //! Benchmarks are `harness = false` binaries that print one line per goal on stdout, in one of
@@ -150,9 +151,12 @@ pub fn table(goals: &[Goal]) -> String {
 /// parse.
 pub fn run(extra: &[String], strict: bool, loaded: bool) -> Result<(), String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The CLI bench measures the binary as shipped (see `dist`).
+    let dist = crate::dist::build()?;
     let bench = || {
         let mut c = Command::new(&cargo);
         c.args(["bench", "--workspace", "--bench", "*"]).args(extra).current_dir(crate::workspace_root());
+        c.env("QLOCK_DIST_BIN", &dist);
         c
     };
     let mut spinners = Vec::new();

@@ -4,6 +4,7 @@
 //!   on `PATH`, Debian bookworm's 7.2 ([`fetch`]) and any `--qemu DIR`, and a slice of it
 //!   across two hosts of a GlusterFS volume ([`across`]);
 //! - `cargo xtask bench`: the workspace benchmarks, with one table of their goals ([`mod@bench`]);
+//! - `cargo xtask dist`: the `qlock` binary as shipped, statically linked ([`dist`]);
 //! - `cargo xtask ci`: everything CI runs ([`ci`]). If it passes locally, CI is green;
 //! - `cargo xtask gluster up | down | status`: the two-host GlusterFS bed ([`gluster`]).
 //!
@@ -22,6 +23,7 @@ pub mod catalogue;
 pub mod chains;
 pub mod ci;
 pub mod compat;
+pub mod dist;
 pub mod fetch;
 pub mod gluster;
 pub mod iotest153;

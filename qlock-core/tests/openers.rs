@@ -20,19 +20,11 @@ use qlock_testkit::{FakeQemu, RawLock, ReadyChild, require};
 /// Not a test: the body of the helper processes. Does nothing in a normal run.
 #[test]
 fn child_role() {
-    common::run_role(|role| {
-        if qlock_testkit::reexec::standard_role(role) {
-            return;
-        }
-        let paths: Vec<PathBuf> = std::env::var(qlock_testkit::reexec::PATHS)
-            .unwrap_or_default()
-            .lines()
-            .map(PathBuf::from)
-            .collect();
+    qlock_testkit::reexec::run_roles(|role, paths| {
         match role {
             // Runs as an unprivileged user: what it sees of root's opener, one line each.
             "unprivileged" => {
-                match inspect(&paths).remove(0) {
+                match inspect(paths).remove(0) {
                     Ok(status) => {
                         common::say(&format!("openers: {}", status.openers.len()));
                         common::say(&format!("unreadable: {}", status.unreadable_processes > 0));

@@ -26,15 +26,7 @@ use qlock_testkit::{FakeQemu, RawLock};
 /// Not a test: the body of the helper processes. Does nothing in a normal run.
 #[test]
 fn child_role() {
-    common::run_role(|role| {
-        if qlock_testkit::reexec::standard_role(role) {
-            return;
-        }
-        let paths: Vec<PathBuf> = std::env::var(qlock_testkit::reexec::PATHS)
-            .unwrap_or_default()
-            .lines()
-            .map(PathBuf::from)
-            .collect();
+    qlock_testkit::reexec::run_roles(|role, paths| {
         match role {
             // Runs as an unprivileged user: reports what it sees, one line each.
             "unprivileged" => {

@@ -118,10 +118,7 @@ fn quick() -> Backoff {
 /// testkit's standard ones (`inspect`), and `contend` on the runtime named by `QLOCK_RT` among
 /// `runtimes`.
 pub fn child_role(runtimes: &[(&str, fn())]) {
-    reexec::run_role(|role| {
-        if reexec::standard_role(role) {
-            return;
-        }
+    reexec::run_roles(|role, _| {
         assert_eq!(role, "contend", "unknown role");
         let rt = std::env::var("QLOCK_RT").unwrap();
         let (_, contend) = runtimes.iter().find(|(name, _)| *name == rt).expect("unknown QLOCK_RT");

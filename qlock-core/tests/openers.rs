@@ -280,18 +280,10 @@ fn a_qemu_named_with_name_guest_shows_the_vm_name() {
     assert_eq!((o.qemu_name, o.mode), (None, OpenMode::ReadOnly));
 }
 
-/// Whether this process runs as root (the owner of `/proc/self` is the effective uid).
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
 #[test]
 fn another_users_openers_are_unknown_not_an_error_and_root_sees_them() {
     let _serial = common::serial();
-    if !is_root() {
-        // Not a missing tool: CI may run unprivileged, so this skips there too.
-        eprintln!("SKIPPED: needs root to start processes as user nobody");
+    if !common::root_or_skip("start processes as user nobody") {
         return;
     }
     require!("setpriv");

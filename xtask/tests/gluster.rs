@@ -9,12 +9,13 @@
 //! handshake: holders are ready when they say so (qemu-io's prompt, a ready line); only effects
 //! on the other host (a lock vanishing on the brick) are polled, with deadlines.
 
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ use nix::libc;
 use qlock_testkit::gluster::{GlusterBed, poll_until};
 use qlock_testkit::raw::flock;
 use qlock_testkit::{FakeQemu, Format, FrontEnd};
+
+use common::{image, qcow2, qlock, qlock_bin, text};
 
 // ---- probes: raw F_OFD_GETLK / F_OFD_SETLK, as another QEMU would make them ----
 
@@ -58,47 +61,6 @@ fn have_qemu() -> bool {
         eprintln!("skipped: qemu-io not on PATH (install qemu-utils)");
     }
     ok
-}
-
-/// This worktree's `qlock` binary, built once per test run (a no-op when it is fresh).
-fn qlock_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "qlock-cli"])
-            .current_dir(xtask::workspace_root())
-            .status()
-            .expect("run cargo build -p qlock-cli");
-        assert!(status.success(), "cargo build -p qlock-cli failed");
-        xtask::target_dir().join("debug/qlock")
-    })
-}
-
-fn qlock(args: &[&str], image: &Path) -> Output {
-    Command::new(qlock_bin()).args(args).arg(image).output().expect("run qlock")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A raw image of 1 MiB, created through host A's mount: its path on host A and on host B.
-fn image(bed: &GlusterBed, name: &str) -> (PathBuf, PathBuf) {
-    std::fs::write(bed.host_a().path(name), vec![0u8; 1 << 20]).expect("create image on host A");
-    (bed.host_a().path(name), bed.host_b().path(name))
-}
-
-/// A qcow2 image of 16 MiB, created by qemu-img through host A's mount.
-fn qcow2(bed: &GlusterBed, name: &str) -> (PathBuf, PathBuf) {
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(bed.host_a().path(name))
-        .arg("16M")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    (bed.host_a().path(name), bed.host_b().path(name))
 }
 
 /// A real interactive `qemu-io` holding an image read-write: ready at its first prompt.

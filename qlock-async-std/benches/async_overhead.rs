@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
+use qlock_async::testing::{Rng, sync_sequential};
 use qlock_async::{AsyncImageLock, Runtime};
 use qlock_async_std::AsyncStd;
 use qlock_core::{Access, Backoff, LockOptions};
@@ -213,15 +214,12 @@ fn latency(dir: &Path) {
         "== async-std: release-to-acquire latency when the holder exits, default backoff ({:?} .. {cap:?}), {samples} samples",
         policy.initial
     );
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id()));
     for hint in [true, false] {
         let mut lat: Vec<Duration> = (0..samples)
             .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
                 // Let the waiter's backoff reach a random phase before the holder exits.
-                let settle = Duration::from_micros(seed % 300_000);
+                let settle = Duration::from_micros(rng.below(300_000));
                 if hint {
                     sample::<AsyncStd>(&path, &policy, settle)
                 } else {
@@ -254,11 +252,7 @@ fn pool_threads() -> u64 {
 fn many(dir: &Path) {
     const N: usize = 10_000;
     let images: Vec<PathBuf> = (0..N).map(|i| image(dir, &format!("m{i}.img"))).collect();
-    let t = Instant::now();
-    for p in &images {
-        qlock_core::ImageLock::acquire(p, Access::WRITE).unwrap().release().unwrap();
-    }
-    let sync_wall = t.elapsed();
+    let sync_wall = sync_sequential(&images);
     let before = pool_threads();
     // A sampler thread: the peak of the pool's threads while the acquisitions run. Threads
     // left idle by the parts before are counted too: the peak is an upper bound.

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use qlock_async::testing::{Rng, sync_sequential};
 use qlock_async::{AsyncImageLock, Runtime};
 use qlock_core::{Access, Backoff, LockOptions};
 use qlock_tokio::Tokio;
@@ -178,16 +179,13 @@ fn latency(rt: &tokio::runtime::Runtime, dir: &Path) {
         "== release-to-acquire latency when the holder exits, default backoff (2 ms .. {:?}), {samples} samples",
         policy.max
     );
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id()));
     for hint in [true, false] {
         let mut lat: Vec<Duration> = (0..samples)
             .map(|_| {
                 let mut child = holder(&path);
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
                 // Let the waiter's backoff reach a random phase before the holder exits.
-                let settle = Duration::from_micros(seed % 300_000);
+                let settle = Duration::from_micros(rng.below(300_000));
                 rt.block_on(async {
                     let p = path.clone();
                     let policy = policy.clone();
@@ -240,11 +238,7 @@ fn threads() -> u64 {
 fn many(dir: &Path) {
     const N: usize = 10_000;
     let images: Vec<PathBuf> = (0..N).map(|i| image(dir, &format!("m{i}.img"))).collect();
-    let t = Instant::now();
-    for p in &images {
-        qlock_core::ImageLock::acquire(p, Access::WRITE).unwrap().release().unwrap();
-    }
-    let sync_wall = t.elapsed();
+    let sync_wall = sync_sequential(&images);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let before = threads();
     let (worst_idle, _, ()) = rt.block_on(with_ticker(async {}));

@@ -68,21 +68,10 @@ macro_rules! scenario_tests {
             the_chain_guard_locks_every_node_and_a_cancelled_acquire_leaks_none,
         );
 
-        #[test]
-        fn random_cancellations_keep_the_old_or_the_new_access() {
-            let _serial = $crate::testing::serial();
-            let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
-            $($crate::testing::scenarios::random_cancellations_keep_the_old_or_the_new_access::<$h>(
-                $crate::testing::scenarios::STORM / runs);)+
-        }
-
-        #[test]
-        fn cancellation_torture_leaks_no_lock() {
-            let _serial = $crate::testing::serial();
-            let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
-            $($crate::testing::scenarios::cancellation_torture_leaks_no_lock::<$h>(
-                $crate::testing::scenarios::TORTURE / runs);)+
-        }
+        $crate::scenario_tests!(@shared [$($h),+]
+            random_cancellations_keep_the_old_or_the_new_access = STORM,
+            cancellation_torture_leaks_no_lock = TORTURE,
+        );
 
         #[test]
         fn contending_processes_never_overlap_and_all_finish() {
@@ -101,6 +90,18 @@ macro_rules! scenario_tests {
         fn $name() {
             let _serial = $crate::testing::serial();
             $($crate::testing::scenarios::$name::<$h>();)+
+        }
+    };
+    // One test per scenario of `n` steps, the constant `$total` shared out among the harnesses.
+    (@shared $hs:tt $($name:ident = $total:ident),+ $(,)?) => {
+        $($crate::scenario_tests!(@split $hs $name $total);)+
+    };
+    (@split [$($h:ty),+] $name:ident $total:ident) => {
+        #[test]
+        fn $name() {
+            let _serial = $crate::testing::serial();
+            let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
+            $($crate::testing::scenarios::$name::<$h>($crate::testing::scenarios::$total / runs);)+
         }
     };
 }

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_io::Timer;
+use qlock_async::testing::{Rng, sync_sequential};
 use qlock_async::{AsyncImageLock, Runtime};
 use qlock_async_std::AsyncStd;
 use qlock_core::{Access, Backoff, LockOptions};
@@ -213,15 +214,12 @@ fn latency(dir: &Path) {
         "== async-std: release-to-acquire latency when the holder exits, default backoff ({:?} .. {cap:?}), {samples} samples",
         policy.initial
     );
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id()));
     for hint in [true, false] {
         let mut lat: Vec<Duration> = (0..samples)
             .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
                 // Let the waiter's backoff reach a random phase before the holder exits.
-                let settle = Duration::from_micros(seed % 300_000);
+                let settle = Duration::from_micros(rng.below(300_000));
                 if hint {
                     sample::<AsyncStd>(&path, &policy, settle)
                 } else {
@@ -274,11 +272,7 @@ fn many(dir: &Path) {
     // for growing the heap to 10,000 tasks, once per process.
     let (mut sync_wall, mut wall) = (Duration::MAX, Duration::MAX);
     for _ in 0..ROUNDS.min(3) {
-        let t = Instant::now();
-        for p in images.iter() {
-            qlock_core::ImageLock::acquire(p, Access::WRITE).unwrap().release().unwrap();
-        }
-        sync_wall = sync_wall.min(t.elapsed());
+        sync_wall = sync_wall.min(sync_sequential(&images));
         let images = images.clone();
         wall = wall.min(async_std::task::block_on(async move {
             let t = Instant::now();

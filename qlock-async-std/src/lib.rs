@@ -78,7 +78,6 @@
 //! errors.
 #![forbid(unsafe_code)]
 
-mod hint;
 mod pool;
 mod runtime;
 mod status;

@@ -102,7 +102,7 @@
 //! methods on the alias's page all the same, while a newtype would need a forwarding copy of
 //! every method in every crate.
 //!
-//! Modules, bottom up: `runtime` (the trait), `lend` (where the descriptor lives, and how an
+//! Modules, bottom up: `runtime` (the trait), `hint` (the close hint the runtime crates share), `lend` (where the descriptor lives, and how an
 //! operation borrows it), `guard`, `inspect`; and, with the `testing` feature, `testing`: the
 //! scenarios every runtime crate's tests run.
 #![forbid(unsafe_code)]
@@ -110,6 +110,7 @@
 mod batch;
 mod chain;
 mod guard;
+mod hint;
 mod inspect;
 mod lend;
 mod runtime;
@@ -119,6 +120,7 @@ pub mod testing;
 pub use batch::{Batch, Reply};
 pub use chain::AsyncChainLock;
 pub use guard::AsyncImageLock;
+pub use hint::CloseHint;
 pub use inspect::inspect;
 pub use runtime::Runtime;
 

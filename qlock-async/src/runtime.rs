@@ -45,17 +45,18 @@ pub trait Runtime: Send + Sync + 'static {
 }
 
 /// Implements [`Runtime`] for a runtime crate's marker type from its two parts: a `pool` module
-/// with `asyncify` and `drop_in_pool` (the crossing to its blocking pool), and a `Hint` type with
-/// `register`, `into_watch` and `sleep` (its reactor and timer). The runtime crates differ only
-/// in those parts, so the forwarding between them and the trait is written once, here.
+/// with `asyncify` and `drop_in_pool` (the crossing to its blocking pool), and a `timer`
+/// function from a delay to a future that ends after it (its timer), which a
+/// [`CloseHint`](crate::CloseHint) cuts short. The runtime crates differ only in those parts, so
+/// the forwarding between them and the trait is written once, here.
 ///
-/// Used as `qlock_async::runtime_from_parts!(Tokio, pool = pool, hint = Hint);` in a module
-/// that can name both (`pool` is a module path of the calling crate).
+/// Used as `qlock_async::runtime_from_parts!(Tokio, pool = pool, timer = tokio::time::sleep);`
+/// in a module that can name both (`pool` is a module path of the calling crate).
 #[macro_export]
 macro_rules! runtime_from_parts {
-    ($runtime:ty, pool = $($pool:ident)::+, hint = $hint:ty) => {
+    ($runtime:ty, pool = $($pool:ident)::+, timer = $($timer:ident)::+) => {
         impl $crate::Runtime for $runtime {
-            type Hint = $hint;
+            type Hint = $crate::CloseHint;
 
             fn asyncify<T, F>(
                 f: F,
@@ -71,16 +72,19 @@ macro_rules! runtime_from_parts {
                 $($pool)::+::drop_in_pool(value);
             }
 
-            fn register(watch: Option<::qlock_core::SharedCloseWatch>) -> $hint {
-                <$hint>::register(watch)
+            fn register(watch: Option<::qlock_core::SharedCloseWatch>) -> $crate::CloseHint {
+                $crate::CloseHint::new(watch)
             }
 
-            fn unregister(hint: $hint) -> Option<::qlock_core::SharedCloseWatch> {
+            fn unregister(hint: $crate::CloseHint) -> Option<::qlock_core::SharedCloseWatch> {
                 hint.into_watch()
             }
 
-            fn sleep(hint: &$hint, delay: ::std::time::Duration) -> impl ::std::future::Future<Output = ()> + Send {
-                hint.sleep(delay)
+            fn sleep(
+                hint: &$crate::CloseHint,
+                delay: ::std::time::Duration,
+            ) -> impl ::std::future::Future<Output = ()> + Send {
+                hint.sleep($($timer)::+(delay))
             }
         }
     };

@@ -8,38 +8,19 @@ use qlock_core::Storage;
 use serde_json::{Value, json};
 
 use crate::cli::DoctorArgs;
-use crate::{Failure, Outcome, message, say};
+use crate::{Failure, Outcome, report};
 
 /// Reports on every path; [`Outcome::SomeFailed`] if any could not be inspected.
 pub(crate) fn main(args: &DoctorArgs, out: &mut impl Write) -> Result<Outcome, Failure> {
     let results: Vec<_> = args.paths.iter().map(|p| (p, Storage::probe(p))).collect();
+    let each = || results.iter().map(|(name, r)| (name.as_path(), r));
     if args.json {
-        let paths: Vec<Value> = results
-            .iter()
-            .map(|(name, r)| match r {
-                Ok(s) => to_json(s, name),
-                Err(e) => {
-                    json!({ "path": name.display().to_string(), "error": e.to_string(), "hint": e.hint() })
-                }
-            })
-            .collect();
+        let paths = report::json_entries(each(), to_json);
         let text = serde_json::to_string_pretty(&json!({ "schema": 1, "paths": paths }))
             .map_err(|e| Failure::Other(format!("cannot print JSON: {e}")))?;
         writeln!(out, "{text}").map_err(Failure::Output)?;
     } else {
-        for (n, (name, r)) in results.iter().enumerate() {
-            if n > 0 {
-                writeln!(out).map_err(Failure::Output)?;
-            }
-            match r {
-                Ok(s) => print_table(out, s, name).map_err(Failure::Output)?,
-                Err(e) => {
-                    out.flush().map_err(Failure::Output)?;
-                    say(&message(e));
-                    crate::print_hint(e.hint());
-                }
-            }
-        }
+        report::print_tables(out, each(), print_table)?;
     }
     Ok(if results.iter().any(|(_, r)| r.is_err()) { Outcome::SomeFailed } else { Outcome::Success })
 }

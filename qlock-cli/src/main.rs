@@ -27,6 +27,7 @@ mod cli;
 mod doctor;
 mod hold;
 mod images;
+mod report;
 mod run;
 mod status;
 mod strict;

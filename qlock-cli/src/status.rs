@@ -4,7 +4,7 @@
 //! twice (`disk.img ./disk.img`, a link) is inspected once, so its entries agree.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use qlock_core::{HeldRange, Holder, ImageStatus, Opener};
 use qlock_core::{Label, Verdict};
@@ -13,39 +13,18 @@ use serde_json::{Value, json};
 
 use crate::cli::StatusArgs;
 use crate::images::Names;
-use crate::{Failure, Outcome, message, say};
+use crate::{Failure, Outcome, report};
 
 /// Inspects every image with one walk over /proc; [`Outcome::SomeFailed`] if any image could
 /// not be inspected.
 pub(crate) fn main(args: &StatusArgs, out: &mut impl Write) -> Result<Outcome, Failure> {
     let names = Names::of(&args.images);
     let results = inspect(names.distinct());
-    let each = || args.images.iter().zip(names.files().map(|i| &results[i]));
+    let each = || args.images.iter().map(PathBuf::as_path).zip(names.files().map(|i| &results[i]));
     if args.json {
-        let images: Vec<Value> = each()
-            .map(|(name, r)| match r {
-                Ok(s) => to_json(s, name),
-                Err(e) => {
-                    json!({ "path": name.display().to_string(), "error": e.to_string(), "hint": e.hint() })
-                }
-            })
-            .collect();
-        print_json(out, images)?;
+        print_json(out, report::json_entries(each(), to_json))?;
     } else {
-        for (n, (name, r)) in each().enumerate() {
-            if n > 0 {
-                writeln!(out).map_err(Failure::Output)?;
-            }
-            match r {
-                Ok(s) => print_table(out, s, name).map_err(Failure::Output)?,
-                Err(e) => {
-                    // In order with the tables around it.
-                    out.flush().map_err(Failure::Output)?;
-                    say(&message(e));
-                    crate::print_hint(e.hint());
-                }
-            }
-        }
+        report::print_tables(out, each(), print_table)?;
     }
     Ok(if results.iter().any(Result::is_err) { Outcome::SomeFailed } else { Outcome::Success })
 }

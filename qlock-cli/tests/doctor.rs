@@ -5,15 +5,12 @@
 //! GlusterFS (cluster scope, "held elsewhere") is in `xtask/tests/gluster_doctor.rs`; NFS is
 //! covered by the unit tests of the mountinfo rules in qlock-core's `storage` module only.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::mpsc::{Receiver, channel};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use nix::libc;
 use qlock_testkit::fuse::{FuseFs, Locks};
-use qlock_testkit::{FakeQemu, Format, FrontEnd};
+use qlock_testkit::{FakeQemu, Format, FrontEnd, ReadyChild};
 use serde_json::Value;
 
 const QLOCK: &str = env!("CARGO_BIN_EXE_qlock");
@@ -110,7 +107,7 @@ fn local_filesystem(base: &Path, want_fs: &str) {
     assert!(t.lines().any(|l| l.starts_with("lock scope    host (")), "{t}");
     assert!(t.lines().any(|l| l == "hazards       none known"), "{t}");
 
-    let _qemu = QemuIo::open(&img, false).expect("qemu-io holds the image");
+    let _qemu = qemu_io(&img, false);
     let s = status_json(&img);
     assert_eq!(s["perm_bytes"], serde_json::json!([100, 101]), "{s}");
     assert_eq!((s["lock_scope"].as_str(), s["held_elsewhere"].as_bool()), (Some("host"), Some(false)), "{s}");
@@ -193,7 +190,7 @@ fn doctor_names_a_qemu_that_has_the_image_open_with_locking_off() {
     let (_dir, img) = raw_image_in(Path::new(env!("CARGO_TARGET_TMPDIR")));
     let (_other_dir, other) = raw_image_in(Path::new(env!("CARGO_TARGET_TMPDIR")));
 
-    let unlocked = QemuIo::open(&img, true).expect("qemu-io with locking=off");
+    let unlocked = qemu_io(&img, true);
     assert_eq!(status_json(&img)["perm_bytes"], serde_json::json!([]), "locking=off takes no byte");
     let d = doctor_json(&img);
     assert_eq!(hazard_ids(&d), ["qemu-locking-off"], "{d}");
@@ -205,7 +202,7 @@ fn doctor_names_a_qemu_that_has_the_image_open_with_locking_off() {
     drop(unlocked);
     assert!(hazard_ids(&doctor_json(&img)).is_empty(), "gone with the QEMU");
 
-    let _locked = QemuIo::open(&img, false).expect("qemu-io with locking on");
+    let _locked = qemu_io(&img, false);
     assert!(hazard_ids(&doctor_json(&img)).is_empty(), "a locking QEMU is no hazard");
 }
 
@@ -236,54 +233,14 @@ fn doctor_reports_every_path_and_exits_2_when_one_fails() {
 }
 
 /// A real interactive `qemu-io` holding a raw image read-write, ready at its first prompt.
-struct QemuIo {
-    child: Child,
-    _stdin: ChildStdin,
-}
-
-impl QemuIo {
-    /// `locking_off`: opened as Proxmox and LXD do, with `file.locking=off`.
-    fn open(image: &Path, locking_off: bool) -> Result<QemuIo, String> {
-        let mut cmd = Command::new("qemu-io");
-        if locking_off {
-            let opts =
-                format!("driver=raw,file.driver=file,file.filename={},file.locking=off", image.display());
-            cmd.arg("--image-opts").arg(opts);
-        } else {
-            cmd.args(["-f", "raw"]).arg(image);
-        }
-        let mut child =
-            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, rx): (_, Receiver<Vec<u8>>) = channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = stdout.read(&mut buf) {
-                if tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        let q = QemuIo { child, _stdin: stdin };
-        let start = Instant::now();
-        let mut acc = Vec::new();
-        while !text(&acc).ends_with("qemu-io> ") {
-            let left = Duration::from_secs(30).saturating_sub(start.elapsed());
-            acc.extend(rx.recv_timeout(left).map_err(|_| format!("no prompt: {}", text(&acc)))?);
-        }
-        Ok(q)
+/// `locking_off`: opened as Proxmox and LXD do, with `file.locking=off`.
+fn qemu_io(image: &Path, locking_off: bool) -> ReadyChild {
+    let mut cmd = Command::new("qemu-io");
+    if locking_off {
+        let opts = format!("driver=raw,file.driver=file,file.filename={},file.locking=off", image.display());
+        cmd.arg("--image-opts").arg(opts);
+    } else {
+        cmd.args(["-f", "raw"]).arg(image);
     }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        let _ = self._stdin.write_all(b"quit\n");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    ReadyChild::spawn(cmd, "qemu-io> ").unwrap_or_else(|e| panic!("qemu-io on {}: {e}", image.display()))
 }

@@ -20,19 +20,11 @@ use qlock_testkit::{FakeQemu, RawLock, ReadyChild, require};
 /// Not a test: the body of the helper processes. Does nothing in a normal run.
 #[test]
 fn child_role() {
-    common::run_role(|role| {
-        if qlock_testkit::reexec::standard_role(role) {
-            return;
-        }
-        let paths: Vec<PathBuf> = std::env::var(qlock_testkit::reexec::PATHS)
-            .unwrap_or_default()
-            .lines()
-            .map(PathBuf::from)
-            .collect();
+    qlock_testkit::reexec::run_roles(|role, paths| {
         match role {
             // Runs as an unprivileged user: what it sees of root's opener, one line each.
             "unprivileged" => {
-                match inspect(&paths).remove(0) {
+                match inspect(paths).remove(0) {
                     Ok(status) => {
                         common::say(&format!("openers: {}", status.openers.len()));
                         common::say(&format!("unreadable: {}", status.unreadable_processes > 0));
@@ -288,18 +280,10 @@ fn a_qemu_named_with_name_guest_shows_the_vm_name() {
     assert_eq!((o.qemu_name, o.mode), (None, OpenMode::ReadOnly));
 }
 
-/// Whether this process runs as root (the owner of `/proc/self` is the effective uid).
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
 #[test]
 fn another_users_openers_are_unknown_not_an_error_and_root_sees_them() {
     let _serial = common::serial();
-    if !is_root() {
-        // Not a missing tool: CI may run unprivileged, so this skips there too.
-        eprintln!("SKIPPED: needs root to start processes as user nobody");
+    if !common::root_or_skip("start processes as user nobody") {
         return;
     }
     require!("setpriv");

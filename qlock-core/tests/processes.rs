@@ -26,15 +26,7 @@ use qlock_testkit::{FakeQemu, RawLock};
 /// Not a test: the body of the helper processes. Does nothing in a normal run.
 #[test]
 fn child_role() {
-    common::run_role(|role| {
-        if qlock_testkit::reexec::standard_role(role) {
-            return;
-        }
-        let paths: Vec<PathBuf> = std::env::var(qlock_testkit::reexec::PATHS)
-            .unwrap_or_default()
-            .lines()
-            .map(PathBuf::from)
-            .collect();
+    qlock_testkit::reexec::run_roles(|role, paths| {
         match role {
             // Runs as an unprivileged user: reports what it sees, one line each.
             "unprivileged" => {
@@ -49,12 +41,6 @@ fn child_role() {
             other => panic!("unknown role {other}"),
         }
     });
-}
-
-/// Whether this process runs as root (the owner of `/proc/self` is the effective uid).
-fn is_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// `/proc/PID/comm` of a qlock-testkit fake holder.
@@ -173,7 +159,7 @@ fn bad_input_gives_typed_errors_not_panics() {
     fs::write(&locked, b"").unwrap();
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
     let r = ImageLock::acquire(&locked, Access::READ);
-    if is_root() {
+    if common::is_root() {
         assert!(r.is_ok(), "{r:?}");
     } else {
         assert!(matches!(r, Err(Error::PermissionDenied { .. })), "{r:?}");
@@ -201,9 +187,7 @@ fn bad_input_gives_typed_errors_not_panics() {
 #[test]
 fn an_unprivileged_user_gets_permission_denied_and_unknown_holders() {
     let _serial = common::serial();
-    if !is_root() {
-        // Not a missing tool: CI may run unprivileged, so this skips there too.
-        eprintln!("SKIPPED: needs root to start a helper as user nobody");
+    if !common::root_or_skip("start a helper as user nobody") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

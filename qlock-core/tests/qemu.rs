@@ -193,60 +193,18 @@ struct Vector {
     expect: Option<&'static str>,
 }
 
-const fn v(
-    id: &'static str,
-    read: &'static str,
-    newcomer: &'static str,
-    expect: Option<&'static str>,
-) -> Vector {
-    Vector { id, read, write: "", posix: false, newcomer, expect }
+/// The vectors, from `qemu_vectors.txt` (one a line: `id | read | write | posix | newcomer |
+/// expect`, `#` comments).
+fn vectors() -> Vec<Vector> {
+    let rows = include_str!("qemu_vectors.txt").lines().filter(|l| !l.is_empty() && !l.starts_with('#'));
+    rows.map(|row| {
+        let fields: Vec<&'static str> = row.split('|').map(str::trim).collect();
+        let [id, read, write, posix, newcomer, expect] = fields[..] else { panic!("six fields: {row}") };
+        let expect = (expect != "-").then_some(expect);
+        Vector { id, read, write, posix: posix == "posix", newcomer, expect }
+    })
+    .collect()
 }
-
-const SHARED_WRITE: Option<&str> = Some("Failed to get shared \"write\" lock");
-const WRITE: Option<&str> = Some("Failed to get \"write\" lock");
-
-const VECTORS: &[Vector] = &[
-    // V1-V5: a qemu-io rw qcow2 holder's bytes.
-    v("V1", "100,101,103,201,203", "img info (qcow2)", SHARED_WRITE),
-    v("V2", "100,101,103,201,203", "img info -U (qcow2)", None),
-    v("V3", "100,101,103,201,203", "qemu-io -r (qcow2)", SHARED_WRITE),
-    v("V4", "100,101,103,201,203", "qemu-io (qcow2)", WRITE),
-    v("V5", "100,101,103,201,203", "img check -r all (qcow2)", WRITE),
-    // V7-V9: a qemu-nbd rw raw holder's bytes.
-    v("V7", "100,101,203", "qemu-io (raw)", None),
-    v("V8", "100,101,203", "img resize (raw)", Some("Failed to get \"resize\" lock")),
-    v("V9", "100,101,203", "img convert (raw)", SHARED_WRITE),
-    // V10-V12: a VM-like raw writer.
-    v("V10", "100,101,201", "qemu-io -r (raw)", None),
-    v("V10", "100,101,201", "img info (raw)", None),
-    v("V11", "100,101,201", "qemu-io (raw)", WRITE),
-    v("V11", "100,101,201", "img resize (raw)", WRITE),
-    v("V12", "100,101,201", "img convert (raw)", SHARED_WRITE),
-    // V13-V14: the same with share-rw.
-    v("V13", "100,101", "qemu-io (raw)", None),
-    v("V13", "100,101", "img resize (raw)", None),
-    v("V14", "100,101", "img convert (raw)", SHARED_WRITE),
-    // V15-V16: someone unsharing consistent read stops even a force-share reader.
-    v("V15", "200", "qemu-io -r (qcow2)", Some("Failed to get \"consistent read\" lock")),
-    v("V15", "200", "qemu-io -r -U (qcow2)", Some("Failed to get \"consistent read\" lock")),
-    v("V16", "200", "img info (qcow2)", None),
-    // V17-V18: an exclusive reader.
-    v("V17", "100,201,202,203", "qemu-io -r (qcow2)", None),
-    v("V18", "100,201,202,203", "qemu-io (qcow2)", WRITE),
-    // V19: QEMU does not treat 102 as write. V20: 104/204 are ignored.
-    v("V19", "102", "qemu-io -r (qcow2)", None),
-    v("V20", "104,204", "qemu-io (qcow2)", None),
-    // V21-V23: foreign write locks stop the lock phase, without hint or errno.
-    Vector { write: "100", ..v("V21", "", "qemu-io -r (qcow2)", Some("Failed to lock byte 100")) },
-    Vector { write: "100", ..v("V22", "", "img info (qcow2)", None) },
-    Vector { write: "201", ..v("V23", "", "qemu-io -r (qcow2)", Some("Failed to lock byte 201")) },
-    Vector { write: "201", ..v("V23", "", "qemu-io -r (raw)", None) },
-    // V24: POSIX and OFD locks interoperate.
-    Vector { posix: true, ..v("V24", "101,201", "img info (qcow2)", SHARED_WRITE) },
-    Vector { posix: true, ..v("V24", "101,201", "qemu-io -r (qcow2)", SHARED_WRITE) },
-    // V29: a qemu-img info in progress.
-    v("V29", "201,203", "qemu-io (qcow2)", WRITE),
-];
 
 /// A fake holder process taking the vector's raw read and write locks, OFD or POSIX.
 fn ext_holder(path: &Path, vector: &Vector) -> FakeQemu {
@@ -273,7 +231,9 @@ fn spec_vectors_with_external_holders() {
         std::fs::write(&qcow2, b"").unwrap();
         None
     };
-    for vector in VECTORS {
+    let vectors = vectors();
+    assert_eq!(vectors.len(), 30, "rows of qemu_vectors.txt");
+    for vector in &vectors {
         let n = newcomer(vector.newcomer);
         let path = match &images {
             Some(i) => i.path(is_raw(&n)).to_path_buf(),

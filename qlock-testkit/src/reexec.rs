@@ -12,17 +12,13 @@
 //! /// Not a test: the body of the child roles. Does nothing in a normal run.
 //! #[test]
 //! fn child_role() {
-//!     reexec::run_role(|role| {
-//!         if reexec::standard_role(role) {
-//!             return;
+//!     // The standard roles (`inspect`), then this binary's own.
+//!     reexec::run_roles(|role, _paths| match role {
+//!         "hello" => {
+//!             reexec::say("hello from the child");
+//!             reexec::ready_and_wait(); // READY, then wait until the parent lets go
 //!         }
-//!         match role {
-//!             "hello" => {
-//!                 reexec::say("hello from the child");
-//!                 reexec::ready_and_wait(); // READY, then wait until the parent lets go
-//!             }
-//!             other => panic!("unknown role {other}"),
-//!         }
+//!         other => panic!("unknown role {other}"),
 //!     });
 //! }
 //!
@@ -40,7 +36,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 
 /// The environment variable that tells a re-executed test binary which role to play.
@@ -175,6 +171,21 @@ pub fn run_role(role: impl FnOnce(&str)) -> bool {
     true
 }
 
+/// [`run_role`] for a binary with roles of its own: plays the [`standard_role`]s, and calls
+/// `own(role, paths)` for any other, with the [`PATHS`] it was started with.
+pub fn run_roles(own: impl FnOnce(&str, &[PathBuf])) -> bool {
+    run_role(|role| {
+        if !standard_role(role) {
+            own(role, &paths());
+        }
+    })
+}
+
+/// The [`PATHS`] this role was started with ([`paths_env`]), none outside a role.
+pub fn paths() -> Vec<PathBuf> {
+    std::env::var(PATHS).unwrap_or_default().lines().map(PathBuf::from).collect()
+}
+
 /// Reports one line to the parent (collected in [`Child::lines`]).
 ///
 /// # Panics
@@ -211,10 +222,9 @@ pub fn paths_env(paths: &[&Path]) -> (&'static str, String) {
 /// # Panics
 /// When inspection fails.
 pub fn standard_role(role: &str) -> bool {
-    let paths: Vec<String> = std::env::var(PATHS).unwrap_or_default().lines().map(String::from).collect();
     match role {
         "inspect" => {
-            for status in qlock_core::inspect(&paths) {
+            for status in qlock_core::inspect(&paths()) {
                 let status = status.expect("inspect from the child");
                 say(&format!("held: {}", status.others.held));
                 for h in status.holders {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use qlock_async::testing::{Rng, sync_sequential};
 use qlock_async::{AsyncImageLock, Runtime};
 use qlock_core::{Access, Backoff, LockOptions};
 use qlock_tokio::Tokio;
@@ -179,16 +180,13 @@ fn latency(rt: &tokio::runtime::Runtime, dir: &Path) {
         "== release-to-acquire latency when the holder exits, default backoff (2 ms .. {:?}), {samples} samples",
         policy.max
     );
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id()));
     for hint in [true, false] {
         let mut lat: Vec<Duration> = (0..samples)
             .map(|_| {
                 let mut child = holder(&path);
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
                 // Let the waiter's backoff reach a random phase before the holder exits.
-                let settle = Duration::from_micros(seed % 300_000);
+                let settle = Duration::from_micros(rng.below(300_000));
                 rt.block_on(async {
                     let p = path.clone();
                     let policy = policy.clone();
@@ -249,11 +247,7 @@ fn many(dir: &Path) {
     // for growing the heap to 10,000 tasks, once per process.
     let (mut sync_wall, mut wall, mut worst, mut peak) = (Duration::MAX, Duration::MAX, Duration::ZERO, 0);
     for _ in 0..BEST_OF {
-        let t = Instant::now();
-        for p in images.iter() {
-            qlock_core::ImageLock::acquire(p, Access::WRITE).unwrap().release().unwrap();
-        }
-        sync_wall = sync_wall.min(t.elapsed());
+        sync_wall = sync_wall.min(sync_sequential(&images));
         let images = images.clone();
         let (lag, top, took) = rt.block_on(with_ticker(async move {
             let t = Instant::now();

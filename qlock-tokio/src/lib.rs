@@ -76,7 +76,6 @@
 //! [`ImageLock::release`] to wait for the release and see its errors.
 #![forbid(unsafe_code)]
 
-mod hint;
 mod pool;
 mod runtime;
 mod status;

@@ -8,14 +8,17 @@
 //! Without root, FUSE, network namespaces or GlusterFS these tests skip, except under
 //! `CI=true`, where they fail.
 
-use std::future::Future;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use qlock_core::{Access, Backoff, Error, LockOptions, LockSet, Perm};
+use common::Tokio;
+use qlock_async::testing::Rng;
+use qlock_async::testing::scenarios::{CancelAfter, Harness, cancellation_storm, quick};
+
+use qlock_core::{Access, Backoff, LockOptions, LockSet, Perm};
 use qlock_testkit::gluster::{GlusterBed, poll_until};
 use qlock_testkit::{FakeQemu, Format, FrontEnd, RawLock};
 use qlock_tokio::ImageLock;
@@ -28,15 +31,6 @@ fn serial() -> MutexGuard<'static, ()> {
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
-}
-
-/// Runs `fut` on a fresh runtime and drops it, which waits for every closure on its pool: what
-/// is held afterwards is final.
-fn block_on<T>(fut: impl Future<Output = T>) -> T {
-    let rt = runtime();
-    let out = rt.block_on(fut);
-    drop(rt);
-    out
 }
 
 /// This process's open descriptors, less the one process-wide inotify instance that waits
@@ -75,53 +69,6 @@ fn set(access: Access) -> LockSet {
     access.lock_set(Perm::ALL)
 }
 
-fn quick() -> Backoff {
-    Backoff::default().with_initial(Duration::from_micros(200)).with_max(Duration::from_millis(5))
-}
-
-/// xorshift64, seeded from the clock and printed so a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("QLOCK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1
-        });
-        eprintln!("QLOCK_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
-/// Polls `fut` at most `polls` times, yielding in between, then drops it.
-struct CancelAfter<F> {
-    fut: Pin<Box<F>>,
-    polls: u64,
-}
-
-impl<F: Future> Future for CancelAfter<F> {
-    type Output = Option<F::Output>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.polls == 0 {
-            return Poll::Ready(None);
-        }
-        self.polls -= 1;
-        match self.fut.as_mut().poll(cx) {
-            Poll::Ready(v) => Poll::Ready(Some(v)),
-            Poll::Pending => {
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-        }
-    }
-}
-
 fn qemu_io_can_write(path: &Path) -> bool {
     let out = std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "quit"]).arg(path).output();
     out.expect("qemu-io on PATH (qemu-utils)").status.success()
@@ -133,7 +80,7 @@ fn guards_on_the_mount_go_through_the_pool_and_conflicts_cross_hosts() {
     let Some(bed) = GlusterBed::start_or_skip() else { return };
     let (on_a, on_b) = image(&bed, "conflict.img");
     let mut vm = FakeQemu::real(&on_b, FrontEnd::QemuIoRw, Format::Raw).expect("real qemu-io on host B");
-    block_on(async {
+    Tokio::block_on(async {
         // A real qemu-io writer on host B refuses a reader on host A, with QEMU's message; the
         // holder is on another client, so it has no pid to name.
         let err = ImageLock::acquire(&on_a, Access::READ).await.unwrap_err();
@@ -172,7 +119,7 @@ fn an_async_waiter_on_host_b_gets_in_when_host_a_crashes() {
     let Some(bed) = GlusterBed::start_or_skip() else { return };
     let (on_a, on_b) = image(&bed, "crash.img");
     let _vm = FakeQemu::builder(&on_a).front_end(FrontEnd::VmDisk, Format::Raw).spawn().unwrap();
-    block_on(async {
+    Tokio::block_on(async {
         let (policy, opts) =
             (Backoff::default().with_timeout(Duration::from_secs(30)), LockOptions::default());
         let mut waiter = Box::pin(ImageLock::acquire_wait(&on_b, Access::WRITE, &opts, &policy));
@@ -195,66 +142,9 @@ fn a_cancellation_storm_on_the_mount_leaks_no_lock_and_no_descriptor() {
     let _serial = serial();
     let Some(bed) = GlusterBed::start_or_skip() else { return };
     let images: Vec<(PathBuf, PathBuf)> = (0..4).map(|i| image(&bed, &format!("t{i}.img"))).collect();
-    let mut rng = Rng::new();
-    let (opts, fast) = (LockOptions::default(), quick());
     let fds_before = open_fds();
     const N: u64 = 400;
-    let (done, cancelled) = block_on(async {
-        let (mut done, mut cancelled) = (0u64, 0u64);
-        // A holder on host B of image 0 that comes and goes, so waits end at random moments.
-        let mut foreign = Some(qlock_core::ImageLock::acquire(&images[0].1, Access::WRITE).unwrap());
-        let mut kept: Vec<ImageLock> = Vec::new();
-        for _ in 0..N {
-            if rng.below(50) == 0 {
-                foreign = match foreign {
-                    Some(_) => None,
-                    None => qlock_core::ImageLock::acquire(&images[0].1, Access::WRITE).ok(),
-                };
-            }
-            let path = &images[rng.below(4) as usize].0;
-            let access = Access::PRESETS[rng.below(Access::PRESETS.len() as u64) as usize].access;
-            let polls = rng.below(12);
-            let outcome: Option<Result<Option<ImageLock>, Error>> = match rng.below(4) {
-                0 => CancelAfter { fut: Box::pin(ImageLock::acquire(path, access)), polls }
-                    .await
-                    .map(|r| r.map(Some)),
-                1 => {
-                    let f = ImageLock::acquire_wait(path, access, &opts, &fast);
-                    CancelAfter { fut: Box::pin(f), polls }.await.map(|r| r.map(Some))
-                }
-                2 => {
-                    let f = ImageLock::acquire_wait(path, access, &opts, &fast);
-                    let d = Duration::from_micros(rng.below(3000));
-                    tokio::time::timeout(d, f).await.ok().map(|r| r.map(Some))
-                }
-                _ => match kept.pop() {
-                    Some(mut g) => {
-                        let r = CancelAfter { fut: Box::pin(g.wait_for(access, &fast)), polls }.await;
-                        assert!(!g.is_lost());
-                        if rng.below(2) == 0 {
-                            kept.push(g);
-                        }
-                        r.map(|r| r.map(|()| None))
-                    }
-                    None => None,
-                },
-            };
-            match outcome {
-                None => cancelled += 1,
-                Some(Ok(Some(g))) if kept.len() < 3 && rng.below(3) == 0 => {
-                    done += 1;
-                    kept.push(g);
-                }
-                Some(_) => done += 1,
-            }
-            if rng.below(4) == 0 {
-                kept.clear();
-            }
-        }
-        drop(kept);
-        drop(foreign);
-        (done, cancelled)
-    });
+    let (done, cancelled) = cancellation_storm::<Tokio>(&images, N, &mut Rng::from_env_or_clock());
     eprintln!("storm on the gluster mount: done {done}, cancelled {cancelled}");
     // Through the pool most calls are cut before they finish; some must finish.
     assert!(cancelled > N / 4 && done >= 5, "done {done}, cancelled {cancelled}");
@@ -275,7 +165,7 @@ fn cancelled_access_changes_on_the_mount_keep_the_old_or_the_new_access() {
     let _serial = serial();
     let Some(bed) = GlusterBed::start_or_skip() else { return };
     let (on_a, on_b) = image(&bed, "s.img");
-    let mut rng = Rng::new();
+    let mut rng = Rng::from_env_or_clock();
     let refusals = [
         vec![RawLock::byte(201)],
         vec![RawLock::byte(201), RawLock::byte(203)],
@@ -290,7 +180,7 @@ fn cancelled_access_changes_on_the_mount_keep_the_old_or_the_new_access() {
     let mut which = 1;
     let mut foreign = FakeQemu::builder(&on_b).raw(refusals[which].clone()).spawn().unwrap();
     let fds_before = open_fds();
-    let mut guard = block_on(ImageLock::acquire(&on_a, Access::FORCE_SHARE)).unwrap();
+    let mut guard = Tokio::block_on(ImageLock::acquire(&on_a, Access::FORCE_SHARE)).unwrap();
     let (mut kept, mut changed, mut cancelled, mut away, mut parked) = (0, 0, 0, 0, 0);
     const N: u64 = 60;
     for i in 0..N {
@@ -303,7 +193,7 @@ fn cancelled_access_changes_on_the_mount_keep_the_old_or_the_new_access() {
         // the state this call starts from.
         if guard.file().is_none() {
             let same = guard.access();
-            let _ = block_on(guard.set_access(same));
+            let _ = Tokio::block_on(guard.set_access(same));
         }
         let old = guard.access();
         let new = Access::PRESETS[rng.below(Access::PRESETS.len() as u64) as usize].access;
@@ -347,7 +237,7 @@ fn cancelled_access_changes_on_the_mount_keep_the_old_or_the_new_access() {
     assert!(cancelled > N / 10 && kept > 0 && changed > 0, "too few of some outcome");
     // The guard's next call takes a parked descriptor back.
     let same = guard.access();
-    block_on(async { guard.set_access(same).await.unwrap() });
+    Tokio::block_on(async { guard.set_access(same).await.unwrap() });
     assert!(guard.file().is_some());
     drop(guard);
     assert_eq!(open_fds(), fds_before, "descriptors leaked");

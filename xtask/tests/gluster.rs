@@ -9,12 +9,13 @@
 //! handshake: holders are ready when they say so (qemu-io's prompt, a ready line); only effects
 //! on the other host (a lock vanishing on the brick) are polled, with deadlines.
 
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ use nix::libc;
 use qlock_testkit::gluster::{GlusterBed, poll_until};
 use qlock_testkit::raw::flock;
 use qlock_testkit::{FakeQemu, Format, FrontEnd};
+
+use common::{image, qcow2, qlock, qlock_bin, text};
 
 // ---- probes: raw F_OFD_GETLK / F_OFD_SETLK, as another QEMU would make them ----
 
@@ -49,57 +52,6 @@ fn try_write_lock(path: &Path, byte: u64) -> Result<(), Errno> {
 }
 
 // ---- tools ----
-
-/// Skips (or fails under `CI=true`) without QEMU's tools.
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-io").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "qemu-io is required under CI=true");
-        eprintln!("skipped: qemu-io not on PATH (install qemu-utils)");
-    }
-    ok
-}
-
-/// This worktree's `qlock` binary, built once per test run (a no-op when it is fresh).
-fn qlock_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "qlock-cli"])
-            .current_dir(xtask::workspace_root())
-            .status()
-            .expect("run cargo build -p qlock-cli");
-        assert!(status.success(), "cargo build -p qlock-cli failed");
-        xtask::target_dir().join("debug/qlock")
-    })
-}
-
-fn qlock(args: &[&str], image: &Path) -> Output {
-    Command::new(qlock_bin()).args(args).arg(image).output().expect("run qlock")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A raw image of 1 MiB, created through host A's mount: its path on host A and on host B.
-fn image(bed: &GlusterBed, name: &str) -> (PathBuf, PathBuf) {
-    std::fs::write(bed.host_a().path(name), vec![0u8; 1 << 20]).expect("create image on host A");
-    (bed.host_a().path(name), bed.host_b().path(name))
-}
-
-/// A qcow2 image of 16 MiB, created by qemu-img through host A's mount.
-fn qcow2(bed: &GlusterBed, name: &str) -> (PathBuf, PathBuf) {
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(bed.host_a().path(name))
-        .arg("16M")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    (bed.host_a().path(name), bed.host_b().path(name))
-}
 
 /// A real interactive `qemu-io` holding an image read-write: ready at its first prompt.
 struct QemuIo {
@@ -172,6 +124,14 @@ impl Drop for QemuIo {
     }
 }
 
+/// A qcow2 image made through host A and held read-write there by a real qemu-io: the holder,
+/// and the image's path on host A and on host B.
+fn held_on_host_a(bed: &GlusterBed, name: &str) -> (QemuIo, PathBuf, PathBuf) {
+    let (on_a, on_b) = qcow2(bed, name);
+    let qemu_a = QemuIo::open(&on_a).expect("qemu-io on host A");
+    (qemu_a, on_a, on_b)
+}
+
 /// qemu-io's one-line refusal opening `image` read-write, from `Failed` on.
 fn qemu_io_refusal(image: &Path) -> Option<String> {
     let out =
@@ -236,12 +196,9 @@ fn the_bed_builds_two_hosts_and_leaves_nothing_behind() {
 
 #[test]
 fn host_b_sees_and_respects_host_a_qemu() {
-    if !have_qemu() {
-        return;
-    }
+    qlock_testkit::require!("qemu-io");
     let Some(bed) = GlusterBed::start_or_skip() else { return };
-    let (on_a, on_b) = qcow2(&bed, "vm.qcow2");
-    let mut qemu_a = QemuIo::open(&on_a).expect("qemu-io on host A");
+    let (mut qemu_a, on_a, on_b) = held_on_host_a(&bed, "vm.qcow2");
 
     // F_OFD_GETLK on host B reports host A's read locks, with no pid (l_pid = -1).
     for byte in WRITER_BYTES {
@@ -349,8 +306,7 @@ fn a_crashed_host_a_client_releases_its_locks_at_once() {
 /// runs; the network heals. Returns how long host B waited to see the image free, and what
 /// host A's QEMU got when it wrote through its old descriptor after the heal.
 fn partition_and_heal(bed: &GlusterBed, free_within: Duration) -> (Duration, String) {
-    let (on_a, on_b) = qcow2(bed, "vm.qcow2");
-    let mut qemu_a = QemuIo::open(&on_a).expect("qemu-io on host A");
+    let (mut qemu_a, _, on_b) = held_on_host_a(bed, "vm.qcow2");
     assert!(
         qemu_a.command("write -P 0x11 0 4k", Duration::from_secs(10)).unwrap().contains("wrote 4096/4096")
     );
@@ -394,9 +350,7 @@ fn partition_and_heal(bed: &GlusterBed, free_within: Duration) -> (Duration, Str
 
 #[test]
 fn a_partition_drops_host_a_locks_and_the_heal_does_not_take_them_back() {
-    if !have_qemu() {
-        return;
-    }
+    qlock_testkit::require!("qemu-io");
     // GlusterFS 10.3 defaults: the brick gives up on a silent client after ~42 s
     // (server.tcp-user-timeout 42; keepalive 20 + 9 x 2 s).
     let Some(bed) = GlusterBed::start_or_skip() else { return };
@@ -415,9 +369,7 @@ fn a_partition_drops_host_a_locks_and_the_heal_does_not_take_them_back() {
 
 #[test]
 fn strict_locks_fence_host_a_writes_after_the_heal_but_do_not_keep_host_b_out() {
-    if !have_qemu() {
-        return;
-    }
+    qlock_testkit::require!("qemu-io");
     // Short timeouts so that the brick gives up within seconds; client.strict-locks on.
     let options = [
         ("client.strict-locks", "on"),
@@ -440,9 +392,7 @@ fn strict_locks_fence_host_a_writes_after_the_heal_but_do_not_keep_host_b_out() 
 fn the_compat_slice_across_hosts_agrees_and_catches_a_mutated_preset() {
     use qlock_core::Access;
     use xtask::compat::{self, MatrixNewcomer};
-    if !have_qemu() {
-        return;
-    }
+    qlock_testkit::require!("qemu-io");
     let Some(bed) = GlusterBed::start_or_skip() else { return };
     let build = xtask::qemu::QemuBuild::from_path().expect("qemu-utils on PATH");
     let sides = xtask::across::sides(&build, &bed).unwrap();
@@ -528,14 +478,11 @@ const STILL_WAITING: Duration = Duration::from_millis(300);
 
 #[test]
 fn waiters_on_host_b_get_in_when_the_holder_on_host_a_exits() {
-    if !have_qemu() {
-        return;
-    }
+    qlock_testkit::require!("qemu-io");
     let Some(bed) = GlusterBed::start_or_skip() else { return };
 
     // `qlock run --wait` on host B behind a real qemu-io on host A, which quits.
-    let (on_a, on_b) = qcow2(&bed, "run-wait.qcow2");
-    let mut qemu_a = QemuIo::open(&on_a).expect("qemu-io on host A");
+    let (mut qemu_a, _, on_b) = held_on_host_a(&bed, "run-wait.qcow2");
     let (run, lines) = qlock_run_wait(&on_b);
     assert!(lines.recv_timeout(STILL_WAITING).is_err(), "qlock run got in while host A's qemu-io held");
     let quit = Instant::now();

@@ -8,38 +8,16 @@
 //! without them the tests skip, except under `CI=true`, where they fail. Holders are ready at
 //! their prompt; only the release seen through the other mount is polled, with a deadline.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::sync::mpsc::{Receiver, channel};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{image, qcow2, qlock, text};
+use qlock_testkit::ReadyChild;
 use qlock_testkit::gluster::{GlusterBed, poll_until};
 use serde_json::{Value, json};
-
-/// This worktree's `qlock` binary, built once per test run (a no-op when it is fresh).
-fn qlock_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "qlock-cli"])
-            .current_dir(xtask::workspace_root())
-            .status()
-            .expect("run cargo build -p qlock-cli");
-        assert!(status.success(), "cargo build -p qlock-cli failed");
-        xtask::target_dir().join("debug/qlock")
-    })
-}
-
-fn qlock(args: &[&str], image: &Path) -> Output {
-    Command::new(qlock_bin()).args(args).arg(image).output().expect("run qlock")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn json_of(args: &[&str], image: &Path) -> Value {
     let out = qlock(args, image);
@@ -59,18 +37,6 @@ fn status(image: &Path) -> Value {
 
 fn hazard<'a>(entry: &'a Value, id: &str) -> Option<&'a Value> {
     entry["hazards"].as_array()?.iter().find(|h| h["id"] == id)
-}
-
-/// A qcow2 image of 16 MiB, created by qemu-img through host A's mount: its path on A and B.
-fn qcow2(bed: &GlusterBed, name: &str) -> (PathBuf, PathBuf) {
-    let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(bed.host_a().path(name))
-        .arg("16M")
-        .output()
-        .expect("qemu-img");
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    (bed.host_a().path(name), bed.host_b().path(name))
 }
 
 #[test]
@@ -100,7 +66,9 @@ fn on_host_b_doctor_says_cluster_and_status_says_host_a_bytes_are_held_elsewhere
     assert!(table.lines().any(|l| l.starts_with("hazard        gluster-reconnect: ")), "{table}");
 
     // Host A's real QEMU holds the image; host B sees its bytes, held by no process of its own.
-    let qemu_a = QemuIo::open(&on_a).expect("qemu-io on host A");
+    let mut qemu_io = Command::new("qemu-io");
+    qemu_io.args(["-f", "qcow2"]).arg(&on_a);
+    let qemu_a = ReadyChild::spawn(qemu_io, "qemu-io> ").expect("qemu-io on host A");
     let s = status(&on_b);
     assert_eq!(s["perm_bytes"], json!([100, 101, 103]), "{s}");
     assert_eq!(s["unshare_bytes"], json!([201, 203]), "{s}");
@@ -133,55 +101,10 @@ fn on_host_b_doctor_says_cluster_and_status_says_host_a_bytes_are_held_elsewhere
 #[test]
 fn doctor_reads_strict_locks_on_from_the_client_and_keeps_the_partition_hazard() {
     let Some(bed) = GlusterBed::start_or_skip_with(&[("client.strict-locks", "on")]) else { return };
-    std::fs::write(bed.host_a().path("disk.img"), vec![0u8; 1 << 20]).expect("create image on host A");
-    let d = doctor(&bed.host_b().path("disk.img"));
+    let (_, on_b) = image(&bed, "disk.img");
+    let d = doctor(&on_b);
     assert_eq!(d["lock_scope"], "cluster", "{d}");
     assert!(hazard(&d, "gluster-reconnect").is_none(), "strict-locks is on: {d}");
     let partition = hazard(&d, "gluster-partition").expect("the partition hazard stays");
     assert!(partition["text"].as_str().unwrap().contains("strict-locks is on here"), "{partition}");
-}
-
-/// A real interactive `qemu-io -f qcow2` holding an image read-write, ready at its first prompt.
-struct QemuIo {
-    child: Child,
-    stdin: ChildStdin,
-}
-
-impl QemuIo {
-    fn open(image: &Path) -> Result<QemuIo, String> {
-        let mut child = Command::new("qemu-io")
-            .args(["-f", "qcow2"])
-            .arg(image)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io");
-        let stdin = child.stdin.take().expect("stdin");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let (tx, rx): (_, Receiver<Vec<u8>>) = channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = stdout.read(&mut buf) {
-                if tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        let q = QemuIo { child, stdin };
-        let start = Instant::now();
-        let mut acc = Vec::new();
-        while !text(&acc).ends_with("qemu-io> ") {
-            let left = Duration::from_secs(30).saturating_sub(start.elapsed());
-            acc.extend(rx.recv_timeout(left).map_err(|_| format!("no prompt: {}", text(&acc)))?);
-        }
-        Ok(q)
-    }
-}
-
-impl Drop for QemuIo {
-    fn drop(&mut self) {
-        let _ = self.stdin.write_all(b"quit\n");
-        let _ = self.child.wait();
-    }
 }

@@ -102,6 +102,16 @@ impl Rng {
     }
 }
 
+/// The sync core's acquire and release of `write` on each of `images`, one after another: the
+/// baseline the runtime crates' benchmarks of many concurrent acquisitions compare with.
+pub fn sync_sequential(images: &[PathBuf]) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    for p in images {
+        qlock_core::ImageLock::acquire(p, qlock_core::Access::WRITE).unwrap().release().unwrap();
+    }
+    t.elapsed()
+}
+
 /// The runtime `R` with the inotify hint switched off, and nothing else changed: every call
 /// goes to `R`, except that the watch is closed (in the pool) instead of registered. The
 /// benchmarks' baseline of the hint's benefit, composed here rather than switched on in the

@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::io::ErrorKind;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -68,21 +68,10 @@ macro_rules! scenario_tests {
             the_chain_guard_locks_every_node_and_a_cancelled_acquire_leaks_none,
         );
 
-        #[test]
-        fn random_cancellations_keep_the_old_or_the_new_access() {
-            let _serial = $crate::testing::serial();
-            let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
-            $($crate::testing::scenarios::random_cancellations_keep_the_old_or_the_new_access::<$h>(
-                $crate::testing::scenarios::STORM / runs);)+
-        }
-
-        #[test]
-        fn cancellation_torture_leaks_no_lock() {
-            let _serial = $crate::testing::serial();
-            let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
-            $($crate::testing::scenarios::cancellation_torture_leaks_no_lock::<$h>(
-                $crate::testing::scenarios::TORTURE / runs);)+
-        }
+        $crate::scenario_tests!(@shared [$($h),+]
+            random_cancellations_keep_the_old_or_the_new_access = STORM,
+            cancellation_torture_leaks_no_lock = TORTURE,
+        );
 
         #[test]
         fn contending_processes_never_overlap_and_all_finish() {
@@ -103,6 +92,18 @@ macro_rules! scenario_tests {
             $($crate::testing::scenarios::$name::<$h>();)+
         }
     };
+    // One test per scenario of `n` steps, the constant `$total` shared out among the harnesses.
+    (@shared $hs:tt $($name:ident = $total:ident),+ $(,)?) => {
+        $($crate::scenario_tests!(@split $hs $name $total);)+
+    };
+    (@split [$($h:ty),+] $name:ident $total:ident) => {
+        #[test]
+        fn $name() {
+            let _serial = $crate::testing::serial();
+            let runs = [$(<$h as $crate::testing::scenarios::Harness>::NAME),+].len() as u64;
+            $($crate::testing::scenarios::$name::<$h>($crate::testing::scenarios::$total / runs);)+
+        }
+    };
 }
 
 /// Cancelled-or-not acquisitions in the torture, shared out among a crate's runtimes.
@@ -110,7 +111,8 @@ pub const TORTURE: u64 = 3000;
 
 type Lock<H> = AsyncImageLock<<H as Harness>::R>;
 
-fn quick() -> Backoff {
+/// A backoff for tests: 200 us first, at most 5 ms between attempts.
+pub fn quick() -> Backoff {
     Backoff::default().with_initial(Duration::from_micros(200)).with_max(Duration::from_millis(5))
 }
 
@@ -118,10 +120,7 @@ fn quick() -> Backoff {
 /// testkit's standard ones (`inspect`), and `contend` on the runtime named by `QLOCK_RT` among
 /// `runtimes`.
 pub fn child_role(runtimes: &[(&str, fn())]) {
-    reexec::run_role(|role| {
-        if reexec::standard_role(role) {
-            return;
-        }
+    reexec::run_roles(|role, _| {
         assert_eq!(role, "contend", "unknown role");
         let rt = std::env::var("QLOCK_RT").unwrap();
         let (_, contend) = runtimes.iter().find(|(name, _)| *name == rt).expect("unknown QLOCK_RT");
@@ -297,10 +296,13 @@ pub fn an_expiring_deadline_names_the_holders_and_leaves_nothing_held<H: Harness
     });
 }
 
-/// Polls `fut` at most `polls` times, yielding in between, then drops it.
-struct CancelAfter<F> {
-    fut: Pin<Box<F>>,
-    polls: u64,
+/// Polls `fut` at most `polls` times, yielding in between, then drops it: `None` if it was
+/// dropped unfinished.
+pub struct CancelAfter<F> {
+    /// The future under test.
+    pub fut: Pin<Box<F>>,
+    /// Polls left before it is dropped.
+    pub polls: u64,
 }
 
 impl<F: Future> Future for CancelAfter<F> {
@@ -326,21 +328,39 @@ impl<F: Future> Future for CancelAfter<F> {
 pub fn cancellation_torture_leaks_no_lock<H: Harness>(n: u64) {
     let dir = tempfile::tempdir().unwrap();
     let paths: Vec<_> = (0..4).map(|i| image(dir.path(), &format!("t{i}.img"))).collect();
-    let mut rng = Rng::from_env_or_clock();
+    let images: Vec<_> = paths.iter().map(|p| (p.clone(), p.clone())).collect();
+    let (done, cancelled) = cancellation_storm::<H>(&images, n, &mut Rng::from_env_or_clock());
+    // block_on has waited for every closure still running on the pool.
+    eprintln!("{}: done {done}, cancelled {cancelled}", H::NAME);
+    assert!(cancelled > n / 4 && done > n / 10, "{}: done {done}, cancelled {cancelled}", H::NAME);
+    for path in &paths {
+        assert_eq!(held_from_another_process(path), (LockSet::EMPTY, vec![]), "{}", path.display());
+        assert!(qemu_io_can_write(path));
+    }
+}
+
+/// The storm of [`cancellation_torture_leaks_no_lock`], on `images` given as (the path the
+/// guards open, the path the foreign holder opens): the same file, or the same file seen
+/// through another client of a shared filesystem. `n` acquisitions, waits and access changes,
+/// each cancelled after a random number of polls, by a random timeout, or not at all, while a
+/// foreign holder of the first image comes and goes; a guard kept for an access change is
+/// never lost. Returns once the pool has settled, with how many calls were done and how many
+/// cancelled.
+pub fn cancellation_storm<H: Harness>(images: &[(PathBuf, PathBuf)], n: u64, rng: &mut Rng) -> (u64, u64) {
     let (opts, fast) = (LockOptions::default(), quick());
-    let (done, cancelled) = H::block_on(async {
+    H::block_on(async {
         let (mut done, mut cancelled) = (0u64, 0u64);
         // A foreign holder on image 0 that comes and goes, so waits end at random moments.
-        let mut foreign = Some(qlock_core::ImageLock::acquire(&paths[0], Access::WRITE).unwrap());
+        let mut foreign = Some(qlock_core::ImageLock::acquire(&images[0].1, Access::WRITE).unwrap());
         let mut kept: Vec<Lock<H>> = Vec::new();
         for _ in 0..n {
             if rng.below(50) == 0 {
                 foreign = match foreign {
                     Some(_) => None,
-                    None => qlock_core::ImageLock::acquire(&paths[0], Access::WRITE).ok(),
+                    None => qlock_core::ImageLock::acquire(&images[0].1, Access::WRITE).ok(),
                 };
             }
-            let path = &paths[rng.below(4) as usize];
+            let path = &images[rng.below(images.len() as u64) as usize].0;
             let access = Access::PRESETS[rng.below(Access::PRESETS.len() as u64) as usize].access;
             let polls = rng.below(12);
             let outcome: Option<Result<Option<Lock<H>>, Error>> = match rng.below(4) {
@@ -358,6 +378,7 @@ pub fn cancellation_torture_leaks_no_lock<H: Harness>(n: u64) {
                 _ => match kept.pop() {
                     Some(mut g) => {
                         let r = CancelAfter { fut: Box::pin(g.wait_for(access, &fast)), polls }.await;
+                        assert!(!g.is_lost());
                         if rng.below(2) == 0 {
                             kept.push(g);
                         }
@@ -381,14 +402,7 @@ pub fn cancellation_torture_leaks_no_lock<H: Harness>(n: u64) {
         drop(kept);
         drop(foreign);
         (done, cancelled)
-    });
-    // block_on has waited for every closure still running on the pool.
-    eprintln!("{}: done {done}, cancelled {cancelled}", H::NAME);
-    assert!(cancelled > n / 4 && done > n / 10, "{}: done {done}, cancelled {cancelled}", H::NAME);
-    for path in &paths {
-        assert_eq!(held_from_another_process(path), (LockSet::EMPTY, vec![]), "{}", path.display());
-        assert!(qemu_io_can_write(path));
-    }
+    })
 }
 
 /// Access changes in the storm of [`random_cancellations_keep_the_old_or_the_new_access`],

@@ -147,6 +147,22 @@ pub(crate) fn verdict_of(result: &Result<(), Error>) -> Verdict {
     }
 }
 
+/// Whether this process runs as root (the owner of `/proc/self` is the effective uid).
+pub(crate) fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// [`is_root`], saying that the test skips when not: it needs root `to` do something. Not a
+/// missing tool: CI may run unprivileged, so such a test skips there too.
+pub(crate) fn root_or_skip(to: &str) -> bool {
+    let root = is_root();
+    if !root {
+        eprintln!("SKIPPED: needs root to {to}");
+    }
+    root
+}
+
 /// Processes of this test binary playing a role (see each test file's `child_role` test).
 #[allow(unused_imports)]
 pub(crate) use qlock_testkit::reexec::{Child as Helper, paths_env, ready_and_wait, run_role, say};

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use crate::access::Access;
 use crate::error::{self, Error, Result};
 use crate::image::{ImageLock, LockOptions, Locking};
-use crate::opener::{self, Clock, Opener};
+use crate::opener::{self, Facts, Opener};
 use crate::perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 use crate::proc::{self, HeldRange, Holder};
 use crate::protocol::{ByteRange, LockSet, Others, Verdict, decide};
@@ -110,11 +110,11 @@ pub fn inspect<P: AsRef<Path>>(paths: &[P]) -> Vec<Result<ImageStatus>> {
         .collect();
     // Every probe descriptor is closed by now, so none of them shows as an opener.
     let mut walk = proc::scan_proc(&keys, None, true);
-    let clock = Clock::now();
+    let facts = Facts::read(walk.files.values());
     for (i, entry) in out.iter_mut().enumerate() {
         if let Ok((status, posix_pids)) = entry {
             let found = walk.files.remove(&i).unwrap_or_default();
-            status.openers = opener::openers(&found, &clock);
+            status.openers = opener::openers(&found, &facts);
             status.unreadable_processes = walk.unreadable;
             status.holders = found.holders;
             finish(status, posix_pids);

@@ -234,6 +234,7 @@ fn scan_pids(pids: &[u32], want: &Want<'_>) -> Walk {
     let mut walk = Walk::default();
     let mut buf = Vec::with_capacity(4096);
     let mut path = String::with_capacity(64);
+    let mut link = String::with_capacity(64);
     for &pid in pids {
         path.clear();
         let _ = write!(path, "/proc/{pid}/fdinfo/");
@@ -286,9 +287,10 @@ fn scan_pids(pids: &[u32], want: &Want<'_>) -> Walk {
                 continue;
             }
             if file.is_none() && info.ino.is_none_or(|ino| want.inodes.contains(&ino)) {
-                path.clear();
-                let _ = write!(path, "/proc/{pid}/fd/{fd}");
-                file = fs::metadata(&path).ok().and_then(|md| want.keys.get(&file_key(&md)).copied());
+                // Its own buffer: `path` keeps the process's fdinfo prefix for the next fd.
+                link.clear();
+                let _ = write!(link, "/proc/{pid}/fd/{fd}");
+                file = fs::metadata(&link).ok().and_then(|md| want.keys.get(&file_key(&md)).copied());
             }
             if let Some(idx) = file {
                 walk.files.entry(idx).or_default().open.push(OpenFd { pid, fd, flags, flock: info.flock });

@@ -9,7 +9,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -96,6 +96,56 @@ fn an_unlocked_writer_and_reader_are_named_with_mode_age_and_label() {
     assert!(of(&st, std::process::id()).is_empty(), "{:?}", st.openers);
     drop((writer, reader));
     assert!(status(&path).openers.is_empty());
+}
+
+#[test]
+fn many_processes_on_two_images_are_each_described_on_both() {
+    let _serial = common::serial();
+    let (_dir, a) = common::image();
+    let b = a.with_extension("second");
+    fs::write(&b, b"").unwrap();
+    // 70 processes (enough for the facts to be read on two threads), each with image a as its
+    // stdin and image b as its stdout: the descriptors exist once spawn returns. The walk once
+    // lost every descriptor of a process after the first it had to `stat` (b here).
+    let children = Killed(
+        (0..70)
+            .map(|_| {
+                Command::new("sleep")
+                    .arg("600")
+                    .stdin(fs::File::open(&a).unwrap())
+                    .stdout(fs::OpenOptions::new().write(true).open(&b).unwrap())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
+    let both = inspect(&[&a, &b]);
+    let uid = fs::metadata("/proc/self").unwrap().uid();
+    for (status, mode) in both.iter().zip([OpenMode::ReadOnly, OpenMode::WriteOnly]) {
+        let status = status.as_ref().expect("inspect");
+        for child in &children.0 {
+            let o = one(status, child.id());
+            assert_eq!(
+                (o.fd, o.mode, o.command.as_deref(), o.uid),
+                (u32::from(mode != OpenMode::ReadOnly), mode, Some("sleep"), Some(uid)),
+                "{o:?}"
+            );
+            assert!(o.age.is_some_and(|a| a.as_secs() < 600), "{o:?}");
+        }
+    }
+}
+
+/// Children killed and reaped when dropped, also when an assertion fails.
+struct Killed(Vec<std::process::Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 #[test]

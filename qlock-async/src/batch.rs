@@ -6,23 +6,30 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// A closure queued for the pool.
 type Job = Box<dyn FnOnce() + Send>;
 
 /// How many times a pool task that found the queue empty yields its thread and looks again
-/// before it ends (rayon's workers do the same before they sleep). A caller that acquires
-/// images one after another queues its next closure within tens of microseconds of the last
-/// reply; a task still looking takes it at once, where an ended one costs waking a parked pool
-/// thread, on the project's VM 20 us and more when that thread's CPU is idle (measured:
-/// sequential acquire+release 45 us without, 23 us with). Each yield is a `sched_yield(2)` of
-/// well under a microsecond when nothing else wants the CPU, and gives the CPU away when
-/// something does, so lingering costs an idle machine up to ~50 us of one core per burst and a
-/// loaded one next to nothing.
+/// before it ends (rayon's workers, too, look a while before they sleep). A caller that
+/// acquires images one after another queues its next closure within tens of microseconds of
+/// the last reply: a task still looking takes it at once, where an ended one leaves a parked
+/// pool thread to wake, whose CPU has been idle long enough to halt (on the project's VM:
+/// sequential acquire+release 45 us without, 13 us with). A yield is a `sched_yield(2)` of
+/// well under a microsecond when nothing else wants the CPU. When something does, the yield
+/// lasts that task's time slice and the closures queued meanwhile would wait for it, so one
+/// yield longer than [`BUSY_YIELD`] ends the looking: a loaded machine then gets the plain
+/// pool hop, whose woken thread the scheduler runs at once. (Measured and rejected: waiting on
+/// a condition variable instead, 72 us idle, the halted-CPU wake-up again; spinning without
+/// yielding, 66 us idle and 50 us loaded, the spinner contending for the queue's lock.)
 const LINGER_ROUNDS: u32 = 100;
 
+/// A yield this long means another task ran meanwhile: the CPU is wanted elsewhere.
+const BUSY_YIELD: Duration = Duration::from_micros(200);
+
 /// A queue of closures and the pool tasks draining it: at most `limit` of them, started on
-/// demand by [`Batch::run`] and ended when they find the queue empty. See the
+/// demand by [`Batch::run`] and ended when the queue stays empty a moment. See the
 /// [crate docs](crate#many-operations-at-once) for why.
 pub struct Batch {
     limit: usize,
@@ -90,7 +97,7 @@ impl Batch {
     }
 
     /// A pool task: runs queued closures until the queue is empty, and ends after it has
-    /// stayed empty for [`LINGER_ROUNDS`] yields. If the task is dropped unrun, `worker` still
+    /// stayed empty for [`LINGER_ROUNDS`] yields (or one busy one, see [`BUSY_YIELD`]). If the task is dropped unrun, `worker` still
     /// counts it down.
     fn drain(&'static self, worker: Worker) {
         let mut idle = 0;
@@ -102,7 +109,11 @@ impl Batch {
                     None if idle < LINGER_ROUNDS => {
                         drop(state);
                         idle += 1;
+                        let yielded = Instant::now();
                         std::thread::yield_now();
+                        if yielded.elapsed() > BUSY_YIELD {
+                            idle = LINGER_ROUNDS;
+                        }
                         continue;
                     }
                     None => {

@@ -26,8 +26,8 @@
 //! closures in flight does not bound tokio's threads (a closure hands its permit on before its
 //! thread is idle again, so the next closure starts another thread). So the runtime crates
 //! queue their closures in a [`Batch`]: at most [`POOL_LIMIT`] long-lived pool tasks run them
-//! back to back, started when closures are queued and none is free, ending when the queue is
-//! empty. A burst then costs a few threads and no thread hand-over per operation; a lone
+//! back to back, started when closures are queued and none is free, ending when the queue has
+//! stayed empty a moment. A burst then costs a few threads and no thread hand-over per operation; a lone
 //! operation costs what one closure on the pool did (one task started, one closure run).
 //! Why not the alternatives:
 //!

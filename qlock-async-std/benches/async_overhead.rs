@@ -8,6 +8,11 @@
 //!    parks, and its best round then drops from 30-60 us to 7 us (seen in about one run in five
 //!    on the project's idle VM, mostly in the first round), which says nothing of qlock's hop.
 //!    Also against the floor of any offloading design, the sync acquire inside one `unblock`.
+//!    Under `cargo xtask bench --loaded` no CPU is idle, so no hop pays for waking one: the bare
+//!    hop falls to ~5 us and the ratio then compares qlock's bookkeeping (the queue, the reply
+//!    slot, the `fstatfs` that decides inline or pooled calls later: ~1.5 us) with a hop of
+//!    nearly nothing; seen 0.30x-1.16x over five loaded runs, 1.17x-1.18x of the sync acquire
+//!    inside one `unblock`.
 //! 2. an access change and a failing retry on an open guard (local fs): async vs sync; goal
 //!    <= 1.5x.
 //! 3. release-to-acquire latency for a waiter when a holder process exits (a qlock-testkit fake

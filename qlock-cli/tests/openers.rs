@@ -39,7 +39,7 @@ fn status_names_an_unlocked_qemu_with_its_label_and_json_schema_1() {
     let row = table.lines().find(|l| l.starts_with("opener") && l.contains(&format!("pid {} ", qemu.pid())));
     let row = row.unwrap_or_else(|| panic!("no opener row for qemu-io: {table}"));
     assert!(row.contains("(qemu-io) fd ") && row.contains(" rw, up "), "{row}");
-    assert!(row.contains("open read-write with no lock: QEMU with locking=off"), "{row}");
+    assert!(row.contains("open for writing with no lock: QEMU with locking=off"), "{row}");
 
     let o = qlock(&["status", "--json"], img.path());
     let text = stdout(&o);

@@ -173,7 +173,7 @@ impl fmt::Display for Label {
             }
             Label::OtherLocks => f.write_str("byte-range locks outside QEMU's protocol"),
             Label::UnlockedWriter => f.write_str(
-                "open read-write with no lock: QEMU with locking=off, a tool that ignores locks, or an \
+                "open for writing with no lock: QEMU with locking=off, a tool that ignores locks, or an \
                  inactive migration target",
             ),
             Label::UnlockedReader => f.write_str("open read-only with no lock"),
@@ -248,7 +248,7 @@ impl Opener {
 
 impl fmt::Display for Opener {
     /// `pid 4242 (qemu-system-x86) fd 12 rw, up 3h 2m, vm vm1, unit machine-qemu\x2d1\x2dvm1.scope:
-    /// open read-write with no lock: ...`
+    /// open for writing with no lock: ...`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,

@@ -89,7 +89,7 @@ fn an_unlocked_writer_and_reader_are_named_with_mode_age_and_label() {
     assert!(w.is_unlocked_writer());
     assert!(w.age.is_some_and(|a| a.as_secs() < 600), "{w:?}");
     assert_eq!(w.command.as_deref(), Some("qemu-fake"));
-    assert!(w.to_string().contains("open read-write with no lock: QEMU with locking=off"), "{w}");
+    assert!(w.to_string().contains("open for writing with no lock: QEMU with locking=off"), "{w}");
     let r = one(&st, reader.pid());
     assert_eq!((r.mode, r.label, r.is_unlocked_writer()), (OpenMode::ReadOnly, Label::UnlockedReader, false));
     // Inspection's own descriptors are closed before the walk.
@@ -133,6 +133,11 @@ fn many_processes_on_two_images_are_each_described_on_both() {
             );
             assert!(o.age.is_some_and(|a| a.as_secs() < 600), "{o:?}");
         }
+        // A write-only descriptor is a writer too, and its line says no more than it knows.
+        let line = one(status, children.0[0].id()).to_string();
+        let said = if mode == OpenMode::WriteOnly { "wo" } else { "ro" };
+        assert!(line.contains(&format!("fd {} {said},", u32::from(mode != OpenMode::ReadOnly))), "{line}");
+        assert!(!line.contains("read-write"), "{line}");
     }
 }
 

@@ -4,8 +4,8 @@
 //! 1. One `qlock check IMAGE --access read` process against one `qemu-img info IMAGE` process
 //!    (what Nova, Cinder, packer and lima pay per query today), on the same qcow2 image, in
 //!    interleaved runs; the medians are compared. Goal <= 0.25x, for the binary as shipped
-//!    (`cargo xtask dist`, static: `QLOCK_DIST_BIN` names it, and `cargo xtask bench` sets
-//!    it); the dynamically linked cargo build is printed beside it. Start-up is most of a
+//!    (`cargo xtask dist`, static musl: `QLOCK_DIST_BIN` names it, and `cargo xtask bench`
+//!    sets it); the dynamically linked cargo build is printed beside it. Start-up is most of a
 //!    query: `/bin/true` alone is about 0.2x of `qemu-img info` on the project's VM.
 //! 2. Fairness, reported without a goal: 3 processes taking `read` and 3 taking `write`
 //!    through `qlock run --wait` in a loop on one image, each holding it for 1 ms per round.
@@ -95,8 +95,9 @@ const DIST: &str = "QLOCK_DIST_BIN";
 fn check_vs_qemu_img(dir: &Path) {
     let image = qcow2(dir, "check.qcow2");
     let dist = std::env::var_os(DIST).map(PathBuf::from);
-    let mut qlocks = vec![("cargo build (dynamic)", PathBuf::from(QLOCK))];
-    qlocks.extend(dist.map(|d| ("dist build (static)", d)));
+    let mut qlocks = vec![("cargo build (dynamic)".to_string(), PathBuf::from(QLOCK))];
+    let libc = std::env::var("QLOCK_DIST_LIBC").unwrap_or_else(|_| "static".into());
+    qlocks.extend(dist.map(|d| (format!("dist build ({libc})"), d)));
     let runs = 41;
     // Interleaved: every round runs each binary and qemu-img once, in a rotating order.
     let mut times = vec![Vec::new(); qlocks.len() + 1];

@@ -63,9 +63,9 @@ pub use opener::{Label, OpenMode, Opener};
 pub use perm::{PERM_BASE, PROTOCOL_BYTES, Perm, UNSHARE_BASE};
 pub use proc::{HeldRange, Holder};
 pub use protocol::{ByteRange, Check, LockSet, Others, Runs, Verdict};
-pub use storage::{Hazard, LockScope, Mount, Storage};
+pub use storage::{Hazard, LockScope, Mount, Storage, is_local_fs};
+pub use sys::LockKind;
 #[cfg(any(test, feature = "test-hooks"))]
 pub use sys::fcntl_calls;
-pub use sys::{LockKind, is_local_fs};
 pub use wait::{Backoff, Delays, Retry, retry, retry_blocking};
 pub use wake::{CloseWatch, Closed, SharedCloseWatch, sleep_or_close};

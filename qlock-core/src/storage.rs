@@ -162,7 +162,7 @@ impl Storage {
 
 /// The report on `file` (`path` as given, `key` its device and inode).
 fn report(path: &Path, file: &fs::File, key: FileKey) -> Storage {
-    let magic = magic(file);
+    let magic = sys::fs_magic(file);
     let mount = Mounts::read().and_then(|m| m.find(own_mnt_id(file.as_raw_fd()), key));
     let filesystem = filesystem_name(mount.as_ref(), magic);
     let probe = sys::test_write(file, LockKind::Ofd, ByteRange { start: 0, len: 0 });
@@ -262,6 +262,27 @@ fn is_fuse(filesystem: &str, magic: Option<i64>) -> bool {
         || magic == Some(FUSE_MAGIC)
 }
 
+/// `fstatfs(fd)`: whether `fd` lives on a local filesystem (ext2/3/4, xfs, btrfs, tmpfs), where
+/// lock calls are non-blocking syscalls of well under a microsecond.
+///
+/// Async callers may run such calls inline on their executor. Anything else (NFS, CIFS, FUSE,
+/// overlay over an unknown lower layer, or a failing `fstatfs`) may block for a network round
+/// trip, so it answers false and the calls belong on a blocking pool.
+///
+/// ```
+/// let tmp = std::fs::File::open(std::env::temp_dir())?;
+/// let _local: bool = qlock_core::is_local_fs(&tmp);
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # References
+/// - [`statfs(2)`](https://man7.org/linux/man-pages/man2/statfs.2.html)
+#[doc(alias = "fstatfs")]
+pub fn is_local_fs(fd: impl AsFd) -> bool {
+    // EXT4_MAGIC is also ext2's and ext3's.
+    sys::fs_magic(fd).is_some_and(|m| [EXT4_MAGIC, XFS_MAGIC, BTRFS_MAGIC, TMPFS_MAGIC].contains(&m))
+}
+
 // ---- statfs magic numbers (statfs(2)) ----
 
 const EXT4_MAGIC: i64 = 0xef53;
@@ -273,11 +294,6 @@ const FUSE_MAGIC: i64 = 0x6573_5546;
 const CEPH_MAGIC: i64 = 0x00c3_6400;
 const GFS2_MAGIC: i64 = 0x0116_1970;
 const OCFS2_MAGIC: i64 = 0x7461_636f;
-
-fn magic(fd: impl AsFd) -> Option<i64> {
-    #[allow(clippy::useless_conversion)] // the width of f_type differs between architectures
-    nix::sys::statfs::fstatfs(fd).ok().map(|s| i64::from(s.filesystem_type().0))
-}
 
 fn magic_name(magic: i64) -> Option<&'static str> {
     Some(match magic {
@@ -387,7 +403,7 @@ fn own_mnt_id(fd: RawFd) -> Option<u32> {
 /// The scope of an open image without probing (for `inspect`): `mounts` is read once
 /// for all images.
 pub(crate) fn scope_of_open(file: &fs::File, key: FileKey, mounts: Option<&Mounts>) -> LockScope {
-    let magic = magic(file);
+    let magic = sys::fs_magic(file);
     let mount = mounts.and_then(|m| m.find(None, key));
     let filesystem = filesystem_name(mount.as_ref(), magic);
     scope_of(&filesystem, mount.as_ref().map_or("", |m| m.options.as_str()), magic)
@@ -646,6 +662,14 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tmpfs_is_local_and_procfs_is_not() {
+        let shm = std::fs::File::open("/dev/shm").unwrap();
+        assert!(super::is_local_fs(&shm));
+        let proc = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(!super::is_local_fs(&proc));
+    }
+
     use super::*;
 
     fn line(fstype: &str, source: &str, options: &str) -> MountLine {

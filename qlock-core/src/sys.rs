@@ -68,28 +68,14 @@ pub(crate) fn ofd_supported() -> bool {
     })
 }
 
-/// `fstatfs(fd)`: whether `fd` lives on a local filesystem (ext2/3/4, xfs, btrfs, tmpfs), where
-/// lock calls are non-blocking syscalls of well under a microsecond.
+/// `fstatfs(fd)`'s `f_type`: the filesystem's magic number ([`statfs(2)`]), or `None` when the
+/// call fails. Widened to `i64` whatever the C library's width for it (glibc's is signed, musl's
+/// unsigned; every magic fits in 32 bits).
 ///
-/// Async callers may run such calls inline on their executor. Anything else (NFS, CIFS, FUSE,
-/// overlay over an unknown lower layer, or a failing `fstatfs`) may block for a network round
-/// trip, so it answers false and the calls belong on a blocking pool.
-///
-/// ```
-/// let tmp = std::fs::File::open(std::env::temp_dir())?;
-/// let _local: bool = qlock_core::is_local_fs(&tmp);
-/// # Ok::<(), std::io::Error>(())
-/// ```
-///
-/// # References
-/// - [`statfs(2)`](https://man7.org/linux/man-pages/man2/statfs.2.html)
-#[doc(alias = "fstatfs")]
-pub fn is_local_fs(fd: impl AsFd) -> bool {
-    use nix::sys::statfs::{BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, TMPFS_MAGIC, XFS_SUPER_MAGIC, fstatfs};
-    // EXT4_SUPER_MAGIC is also ext2's and ext3's.
-    fstatfs(fd).is_ok_and(|s| {
-        [EXT4_SUPER_MAGIC, XFS_SUPER_MAGIC, BTRFS_SUPER_MAGIC, TMPFS_MAGIC].contains(&s.filesystem_type())
-    })
+/// [`statfs(2)`]: https://man7.org/linux/man-pages/man2/statfs.2.html
+pub(crate) fn fs_magic(fd: impl AsFd) -> Option<i64> {
+    #[allow(clippy::unnecessary_cast)] // a no-op on glibc, a widening on musl
+    nix::sys::statfs::fstatfs(fd).ok().map(|s| s.filesystem_type().0 as i64)
 }
 
 /// What a set-lock command is asked to do. There is no write lock here: qlock never sets one,
@@ -261,17 +247,4 @@ mod seam {
 #[cfg(any(test, feature = "test-hooks"))]
 pub fn fcntl_calls() -> u64 {
     seam::calls()
-}
-
-#[cfg(test)]
-mod local_fs_tests {
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn tmpfs_is_local_and_procfs_is_not() {
-        let shm = std::fs::File::open("/dev/shm").unwrap();
-        assert!(super::is_local_fs(shm.as_fd()));
-        let proc = std::fs::File::open("/proc/self/status").unwrap();
-        assert!(!super::is_local_fs(proc.as_fd()));
-    }
 }

@@ -212,10 +212,15 @@ fn cancelled_access_changes_on_the_mount_keep_the_old_or_the_new_access() {
         if !done {
             cancelled += 1;
         }
-        // The descriptor may still be with the closure: the old access is reported then.
+        // The descriptor may still be with the closure: the old access is reported then, and
+        // the closure's outcome once it has parked the descriptor (which may be by now).
         if was_away {
             away += 1;
-            assert_eq!(guard.access(), old, "#{i}: access while the descriptor is away");
+            let seen = guard.access();
+            assert!(
+                seen == old || seen == new,
+                "#{i}: {seen:?} while the descriptor is away, from {old:?} to {new:?}"
+            );
         }
         drop(rt); // waits for the pool: the closure has parked the descriptor by now
         // Parked, not lost: `file()` stays `None` until the guard's next call takes it back.

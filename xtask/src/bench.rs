@@ -156,7 +156,7 @@ pub fn run(extra: &[String], strict: bool, loaded: bool) -> Result<(), String> {
     let bench = || {
         let mut c = Command::new(&cargo);
         c.args(["bench", "--workspace", "--bench", "*"]).args(extra).current_dir(crate::workspace_root());
-        c.env("QLOCK_DIST_BIN", &dist);
+        c.env("QLOCK_DIST_BIN", &dist.path).env("QLOCK_DIST_LIBC", dist.libc);
         c
     };
     let mut spinners = Vec::new();

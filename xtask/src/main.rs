@@ -32,7 +32,7 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build the `qlock` binary as shipped (static, LTO) into target/dist/qlock.
+    /// Build the `qlock` binary as shipped (static musl, else static glibc; LTO) and print its path.
     Dist,
     /// The two-host GlusterFS test bed (root): up, down [ID...], status.
     Gluster {
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Compat(args) => compat_main(&args),
         Task::Bench { strict, loaded, args } => xtask::bench::run(&args, strict, loaded),
-        Task::Dist => xtask::dist::build().map(|path| println!("{}", path.display())),
+        Task::Dist => xtask::dist::build().map(|d| println!("{} (static, {})", d.path.display(), d.libc)),
         Task::Gluster { action } => match action {
             GlusterAction::Up { options } => xtask::gluster::up(&options),
             GlusterAction::Down { ids } => xtask::gluster::down(&ids),

@@ -97,8 +97,8 @@ impl Batch {
     }
 
     /// A pool task: runs queued closures until the queue is empty, and ends after it has
-    /// stayed empty for [`LINGER_ROUNDS`] yields (or one busy one, see [`BUSY_YIELD`]). If the task is dropped unrun, `worker` still
-    /// counts it down.
+    /// stayed empty for [`LINGER_ROUNDS`] yields (or one busy one, see [`BUSY_YIELD`]). If the
+    /// task is dropped unrun, `worker` still counts it down.
     fn drain(&'static self, worker: Worker) {
         let mut idle = 0;
         loop {

@@ -290,7 +290,7 @@ impl fmt::Display for Age {
 /// What `/proc/PID` says of every process that has one of the walk's images open, each read
 /// once however many images it has open. Reading them is most of an inspection's cost after the
 /// walk itself (five small files a process, ~20 us each on the project's VM), so many are read
-/// on two threads, as the walk is.
+/// on two threads, as the walk's are ([`proc::in_halves`]).
 pub(crate) struct Facts(HashMap<u32, Process>);
 
 impl Facts {
@@ -301,18 +301,7 @@ impl Facts {
         pids.dedup();
         let read =
             |pids: &[u32]| pids.iter().map(|&pid| (pid, Process::read(pid, &clock))).collect::<Vec<_>>();
-        if pids.len() < 64 {
-            return Facts(read(&pids).into_iter().collect());
-        }
-        let (mine, theirs) = pids.split_at(pids.len() / 2);
-        std::thread::scope(|s| {
-            let other = std::thread::Builder::new().spawn_scoped(s, || read(theirs));
-            let Ok(other) = other else { return Facts(read(&pids).into_iter().collect()) };
-            let mut facts: HashMap<u32, Process> = read(mine).into_iter().collect();
-            // A panic in the other half is a bug; its processes then read as unknown.
-            facts.extend(other.join().unwrap_or_default());
-            Facts(facts)
-        })
+        Facts(proc::in_halves(&pids, read).into_iter().flatten().collect())
     }
 }
 

@@ -206,17 +206,27 @@ pub(crate) fn scan_proc(
     let pids: Vec<u32> =
         procs.flatten().filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok())).collect();
     let want = Want { keys, inodes: keys.keys().map(|k| k.2).collect(), exclude, openers };
-    if pids.len() < 64 {
-        return scan_pids(&pids, &want);
+    let mut halves = in_halves(&pids, |pids| scan_pids(pids, &want)).into_iter();
+    let mut found = halves.next().unwrap_or_default();
+    halves.for_each(|other| found.merge(other));
+    found
+}
+
+/// Runs `f` on `items` in two halves at once, the second on a scoped thread, when there are
+/// many (the `/proc` reads of a walk are thousands of small syscalls that two threads share
+/// well); else, or when no thread can be started, on all of them here. A panic in the other
+/// half is a bug: that half then gives `R::default()` (its processes go unnamed).
+pub(crate) fn in_halves<T: Sync, R: Send + Default>(items: &[T], f: impl Fn(&[T]) -> R + Sync) -> Vec<R> {
+    if items.len() < 64 {
+        return vec![f(items)];
     }
-    let (mine, theirs) = pids.split_at(pids.len() / 2);
+    let (mine, theirs) = items.split_at(items.len() / 2);
     std::thread::scope(|s| {
-        let other = std::thread::Builder::new().spawn_scoped(s, || scan_pids(theirs, &want));
-        let Ok(other) = other else { return scan_pids(&pids, &want) };
-        let mut found = scan_pids(mine, &want);
-        // A panic in the other half is a bug; its holders are then just not named.
-        found.merge(other.join().unwrap_or_default());
-        found
+        let Ok(other) = std::thread::Builder::new().spawn_scoped(s, || f(theirs)) else {
+            return vec![f(items)];
+        };
+        let mine = f(mine);
+        vec![mine, other.join().unwrap_or_default()]
     })
 }
 

@@ -150,12 +150,11 @@ pub fn table(goals: &[Goal]) -> String {
 /// When `cargo bench` fails, or with `strict` when a goal is missed or a goal line does not
 /// parse.
 pub fn run(extra: &[String], strict: bool, loaded: bool) -> Result<(), String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // The CLI bench measures the binary as shipped (see `dist`).
     let dist = crate::dist::build()?;
     let bench = || {
-        let mut c = Command::new(&cargo);
-        c.args(["bench", "--workspace", "--bench", "*"]).args(extra).current_dir(crate::workspace_root());
+        let mut c = crate::cargo();
+        c.args(["bench", "--workspace", "--bench", "*"]).args(extra);
         c.env("QLOCK_DIST_BIN", &dist.path).env("QLOCK_DIST_LIBC", dist.libc);
         c
     };

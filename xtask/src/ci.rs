@@ -1,7 +1,5 @@
 //! `cargo xtask ci`: every step CI runs, in CI's order. If it passes locally, CI is green.
 
-use std::process::Command;
-
 /// The cargo steps, before `compat`.
 pub const STEPS: &[(&str, &[&str])] = &[
     ("fmt", &["fmt", "--all", "--check"]),
@@ -16,11 +14,10 @@ pub const STEPS: &[(&str, &[&str])] = &[
 /// # Errors
 /// The name of the failing step.
 pub fn run_cargo_steps(skip: &[String]) -> Result<(), String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     for (name, args) in STEPS.iter().filter(|(name, _)| !skip.iter().any(|s| s == name)) {
         println!("ci: cargo {}", args.join(" "));
-        let mut cmd = Command::new(&cargo);
-        cmd.args(*args).current_dir(crate::workspace_root());
+        let mut cmd = crate::cargo();
+        cmd.args(*args);
         if *name == "doc" {
             cmd.env("RUSTDOCFLAGS", "-D warnings");
         }

@@ -18,7 +18,7 @@
 //! `cargo install --locked --path qlock-cli` still works and gives the dynamic glibc binary.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// The target of the shipped binary, when its standard library is installed.
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
@@ -69,22 +69,15 @@ fn musl_installed() -> bool {
         .is_some_and(|sysroot| sysroot.join("lib/rustlib").join(MUSL).join("lib").is_dir())
 }
 
+/// [`crate::cargo_build`], with a hint when a static C library is what is missing.
 fn cargo(args: &[&str]) -> Result<(), String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(args)
-        .current_dir(crate::workspace_root())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run cargo to build the dist qlock: {e}"))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    let hint = if err.contains("-lc") || err.contains("libc.a") {
-        "\nhint: the static glibc build needs glibc's libc.a: apt-get install libc6-dev"
-    } else {
-        ""
-    };
-    Err(format!("building the dist qlock failed:\n{err}{hint}"))
+    crate::cargo_build(args).map_err(|err| {
+        let static_libc = err.contains("-lc") || err.contains("libc.a");
+        let hint = if static_libc {
+            "\nhint: the static glibc build needs glibc's libc.a: apt-get install libc6-dev"
+        } else {
+            ""
+        };
+        format!("building the dist qlock failed: {err}{hint}")
+    })
 }

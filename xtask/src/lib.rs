@@ -33,6 +33,7 @@ pub mod run;
 pub mod section;
 
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 /// The workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {
@@ -43,4 +44,28 @@ pub fn workspace_root() -> PathBuf {
 /// Cargo's target directory: `CARGO_TARGET_DIR`, else `target/` in the workspace.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
+/// `cargo` as this xtask was run with (`CARGO`, else `PATH`'s), in the workspace root.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cargo ARGS` with its output captured, for builds the caller then uses.
+///
+/// # Errors
+/// Cargo's stderr when it fails, or why it could not be run.
+pub fn cargo_build(args: &[&str]) -> Result<(), String> {
+    let out = cargo()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run cargo {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo {} failed:\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+    }
 }

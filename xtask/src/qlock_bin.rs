@@ -27,16 +27,7 @@ pub fn path() -> Result<PathBuf, String> {
         if let Some(p) = std::env::var_os("QLOCK_BIN") {
             return Ok(PathBuf::from(p));
         }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "qlock-cli", "--bin", "qlock"])
-            .current_dir(crate::workspace_root())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run cargo to build qlock: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("cargo build -p qlock-cli failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
+        crate::cargo_build(&["build", "--quiet", "-p", "qlock-cli", "--bin", "qlock"])?;
         Ok(crate::target_dir().join("debug/qlock"))
     })
     .clone()
